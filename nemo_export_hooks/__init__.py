@@ -1,0 +1,28 @@
+"""nemo-export-hooks: publish Hugging Face checkpoints next to every Megatron/NeMo
+training checkpoint, per rank, for dense, MoE (every expert layout) and QAT models."""
+
+from __future__ import annotations
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("nemo-export-hooks")
+except Exception:  # pragma: no cover - not installed
+    __version__ = "0+unknown"
+
+from .exporter.api import ExportResult, export_to_hf, prepare_export
+
+__all__ = ["export_to_hf", "prepare_export", "ExportResult", "HFExportCallback", "ExportConfig", "__version__"]
+
+
+def __getattr__(name):
+    # The callback needs Lightning; import it only when asked for.
+    if name == "HFExportCallback":
+        from .callback import HFExportCallback
+
+        return HFExportCallback
+    if name == "ExportConfig":
+        from .config import ExportConfig
+
+        return ExportConfig
+    raise AttributeError(name)

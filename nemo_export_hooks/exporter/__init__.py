@@ -1,0 +1,1 @@
+"""Megatron-Core -> Hugging Face exporter (see ``api.export_to_hf``)."""

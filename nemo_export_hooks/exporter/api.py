@@ -1,0 +1,329 @@
+"""``export_to_hf``: Megatron-Core model in memory -> Hugging Face checkpoint on disk.
+
+The path of one export (see ARCHITECTURE.md): plan (no data, no collectives; every check
+that can fail does so here, before anything is written) -> run jobs (TP gather inside each
+group, pack, split) -> stream into this rank's shards in a staging directory -> rank 0
+commits (index, config, manifest) -> atomic publish.  It is a collective: every rank calls
+it with the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from . import parallel
+from .execute import run_jobs
+from .hf_config import build_hf_config, expected_hf_keys, generation_config
+from .plan import QUANT_SUFFIXES, ExportPlan, build_plan
+from .rules import get_rule
+from .source import unwrap_model
+
+log = logging.getLogger("nemo_export_hooks")
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"unsupported export dtype {dtype}; use bfloat16, float16 or float32")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"unsupported export dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    num_tensors: int
+    total_bytes: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
+    quant_algo: Optional[str] = None
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.total_bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class PreparedExport:
+    """A validated export: what will be written, before any tensor is touched."""
+
+    plan: ExportPlan
+    arch: str
+    dtype: torch.dtype
+    hf_config: dict
+    quant_algo: Optional[str]
+
+    def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """Gather/pack/split this rank's tensors (a collective generator)."""
+        return run_jobs(self.plan, self.dtype)
+
+    def host_snapshot(self) -> list[tuple[str, torch.Tensor]]:
+        """Materialise this rank's owned tensors in host memory (for async writes)."""
+        return list(self.tensors())
+
+
+def prepare_export(model, arch: str, dtype=torch.bfloat16, hf_config_overrides: Optional[dict] = None, check_hf_keys: bool = True) -> PreparedExport:
+    """Unwrap, plan and validate.  Raises before anything is written if the model does not
+    fit ``arch``.  Collective only when ``check_hf_keys`` (a small gather of names)."""
+    rule = get_rule(arch)
+    dtype = resolve_dtype(dtype)
+    chunks = unwrap_model(model)
+    layout = parallel.current_layout()
+    plan = build_plan(chunks, rule, layout)
+    quant_algo = _quant_algo(plan)
+    hf_config = build_hf_config(plan, dtype, hf_config_overrides)
+    if check_hf_keys:
+        _check_names(plan, hf_config)
+    return PreparedExport(plan, arch, dtype, hf_config, quant_algo)
+
+
+def _quant_algo(plan: ExportPlan) -> Optional[str]:
+    """Read every quantizer once at planning time: errors (uncalibrated, unsupported format,
+    mixed formats) surface before anything is written."""
+    algos = set()
+    quant_jobs = [j for j in plan.jobs if j.quant_module is not None]
+    if not quant_jobs:
+        return None
+    from . import quant
+
+    for j in quant_jobs:
+        spec = quant.read_quant_spec(j.quant_module, j.source, expert_index=j.quant_index)
+        if spec is not None:
+            algos.add(spec.algo)
+    algos_all = parallel.gather_objects(sorted(algos))
+    merged = sorted({a for r in (algos_all or [sorted(algos)]) for a in r})
+    merged = parallel.broadcast_object(merged)
+    if len(merged) > 1:
+        raise ValueError(f"mixed quantization formats {merged} in one model are not supported yet")
+    return merged[0] if merged else None
+
+
+def _check_names(plan: ExportPlan, hf_config: dict) -> None:
+    """Compare the union of all ranks' HF names with the key set of the HF class built from
+    the generated config on the meta device: zero missing, zero unexpected, or raise."""
+    names = plan.owned_names()
+    all_names = parallel.gather_objects(names)
+    problem = None
+    if all_names is not None and parallel.current_layout().world_rank == 0:
+        ours: set[str] = set()
+        dup = set()
+        for r in all_names:
+            for n in r:
+                if n in ours:
+                    dup.add(n)
+                ours.add(n)
+        expected = expected_hf_keys(hf_config)
+        if dup:
+            problem = f"several tensors map to the same HF names: {sorted(dup)[:5]}"
+        elif expected is not None:
+            base = {n for n in ours if not n.endswith(QUANT_SUFFIXES)}
+            missing, unexpected = sorted(expected - base), sorted(base - expected)
+            if missing or unexpected:
+                problem = (
+                    f"exported names do not match {hf_config['architectures'][0]}: "
+                    f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                    f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+                )
+    problem = parallel.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+
+
+def export_to_hf(
+    model,
+    out_dir: Union[str, Path],
+    arch: str,
+    dtype=torch.bfloat16,
+    tokenizer: Any = None,
+    hf_config_overrides: Optional[dict] = None,
+    max_shard_size: Union[str, int] = "5GB",
+    overwrite: bool = False,
+    manifest_extra: Optional[dict] = None,
+) -> ExportResult:
+    """Export a Megatron-Core model to a Hugging Face checkpoint directory ``out_dir``.
+
+    A collective: every rank calls it with the same arguments; each rank writes only the
+    tensors it owns.  ``out_dir`` appears atomically (staging directory + rename); it must
+    not exist unless ``overwrite=True`` and it holds an earlier export.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    prepared = prepare_export(model, arch, dtype, hf_config_overrides)
+    return write_prepared(prepared, prepared.tensors(), out_dir, tokenizer, max_shard_size, overwrite, manifest_extra, t0=t0)
+
+
+def write_prepared(
+    prepared: PreparedExport,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: Path,
+    tokenizer: Any = None,
+    max_shard_size: Union[str, int] = "5GB",
+    overwrite: bool = False,
+    manifest_extra: Optional[dict] = None,
+    t0: Optional[float] = None,
+    group: Any = None,
+) -> ExportResult:
+    """Stream ``tensors`` into shards, commit on rank 0 and publish ``out_dir``.  Collective
+    over ``group`` (default: the world); a background writer passes a group of its own.
+    ``tensors`` may be a generator that gathers (sync) or a host snapshot (async)."""
+    from ..publish import make_staging_dir, publish, write_manifest
+    from .writer import ShardWriter, finalize_shards, parse_size
+
+    t0 = time.perf_counter() if t0 is None else t0
+    out_dir = Path(out_dir)
+    layout = prepared.plan.layout
+    rank0 = layout.world_rank == 0
+    max_bytes = parse_size(max_shard_size)
+
+    staging = None
+    err = None
+    if rank0:
+        try:
+            _check_out_dir(out_dir, overwrite)
+            staging = make_staging_dir(out_dir)
+        except Exception as e:  # raised on every rank below
+            err = f"{type(e).__name__}: {e}"
+    staging, err = parallel.broadcast_object((str(staging) if staging else None, err), group=group)
+    if err:
+        raise RuntimeError(f"cannot export to {out_dir}: {err}")
+    staging = Path(staging)
+
+    key_to_part: dict[str, str] = {}
+    nbytes = 0
+    ok, message = True, ""
+    # A write failure (disk full, permissions) on one rank must not leave the other ranks
+    # waiting in a tensor-parallel gather: keep draining the (collective) generator without
+    # writing, then agree on the outcome with one all-reduce.
+    failure: Optional[BaseException] = None
+    writer = None
+    try:
+        writer = ShardWriter(staging, max_bytes, prefix=f"rank{layout.world_rank:05d}")
+    except Exception as e:
+        failure = e
+    try:
+        for name, t in tensors:
+            if failure is None:
+                try:
+                    writer.add(name, t)
+                except Exception as e:
+                    failure = e
+        if failure is None:
+            key_to_part = writer.close()
+            nbytes = writer.total_bytes
+    except Exception as e:  # raised by the generator itself
+        failure = failure or e
+    if failure is not None:
+        ok, message = False, f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
+        log.error("HF export failed while writing %s: %s", out_dir, message)
+        if parallel._world(group) == 1:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise failure
+    try:
+        parallel.all_ok(ok, message, group=group)
+    except Exception:
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not ok:
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"HF export to {out_dir} failed: {message}")
+
+    maps = parallel.gather_objects((key_to_part, nbytes), group=group)
+    result_or_err = None
+    if rank0:
+        try:
+            merged: dict[str, str] = {}
+            total = 0
+            for m, b in maps:
+                merged.update(m)
+                total += b
+            finalize_shards(staging, merged, total_size=total)
+            _write_side_files(staging, prepared, tokenizer)
+            manifest = {
+                "arch": prepared.arch,
+                "dtype": str(prepared.dtype).replace("torch.", ""),
+                "num_tensors": len(merged),
+                "total_bytes": total,
+                "world_size": layout.world_size,
+                "quant_algo": prepared.quant_algo,
+                **(manifest_extra or {}),
+            }
+            write_manifest(staging, manifest)
+            publish(staging, out_dir, overwrite=overwrite)
+            files = sorted(p.name for p in out_dir.iterdir())
+            result_or_err = ("ok", len(merged), total, files)
+        except Exception as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            result_or_err = ("error", f"{type(e).__name__}: {e}")
+    result_or_err = parallel.broadcast_object(result_or_err, group=group)
+    if result_or_err[0] == "error":
+        raise RuntimeError(f"HF export to {out_dir} failed on rank 0: {result_or_err[1]}")
+    _, n, total, files = result_or_err
+    seconds = time.perf_counter() - t0
+    res = ExportResult(out_dir, n, total, seconds, files, prepared.quant_algo)
+    if rank0:
+        log.info("HF export %s: %d tensors, %.3f GB in %.2f s (%.2f GB/s)", out_dir, n, total / 1e9, seconds, res.gb_per_s)
+    return res
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace an earlier export)")
+            if not (out_dir / "export_manifest.json").exists():
+                raise FileExistsError(f"{out_dir} is not an export made by nemo-export-hooks; refusing to overwrite it")
+        else:
+            out_dir.rmdir()  # an empty directory is replaced by the atomic rename
+
+
+def _write_side_files(staging: Path, prepared: PreparedExport, tokenizer: Any) -> None:
+    cfg = dict(prepared.hf_config)
+    if prepared.quant_algo:
+        from . import quant
+        from .. import __version__
+
+        hf_quant, qcfg = quant.quant_config_files(prepared.quant_algo, list(prepared.plan.rule.quant_exclude), __version__)
+        (staging / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+        cfg["quantization_config"] = qcfg
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, staging)
+    (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (staging / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+
+
+def _save_tokenizer(tokenizer: Any, staging: Path) -> None:
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(staging))
+        return
+    src = Path(tokenizer)
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer {tokenizer!r} is neither a tokenizer object nor a directory")
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
+    copied = 0
+    for n in names:
+        if (src / n).is_file():
+            shutil.copy2(src / n, staging / n)
+            copied += 1
+    if not copied:
+        raise FileNotFoundError(f"no tokenizer files in {src} (looked for {', '.join(names)})")

@@ -1,0 +1,80 @@
+"""Mapping kinds: how one Megatron tensor becomes one or more Hugging Face tensors.
+
+Every kind we need only *selects rows* (output features) of a full, TP-gathered Megatron
+tensor: QKV de-interleaving, gate/up splitting, renaming.  Expressing them as row selections
+lets the same mapping apply unchanged to a plain weight, a bias, and a packed quantized
+weight with its per-row block scales (``weight``/``weight_scale`` are split by rows, scalar
+scales are shared).  All functions are pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+# A row plan: list of (target name, row index tensor or None for "all rows").
+RowPlan = list[tuple[str, "torch.Tensor | None"]]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+
+
+def rename(targets: Sequence[str], rows: int, shape: AttentionShape | None = None) -> RowPlan:
+    (target,) = targets
+    return [(target, None)]
+
+
+def glu_split(targets: Sequence[str], rows: int, shape: AttentionShape | None = None) -> RowPlan:
+    """Megatron's gated fc1 is ``cat(gate, up)`` along dim 0 (after TP gather)."""
+    gate, up = targets
+    if rows % 2:
+        raise ValueError(f"gated fc1 has an odd number of rows ({rows}); cannot split into {gate}/{up}")
+    half = rows // 2
+    return [(gate, torch.arange(0, half)), (up, torch.arange(half, rows))]
+
+
+def qkv_split(targets: Sequence[str], rows: int, shape: AttentionShape | None = None) -> RowPlan:
+    """Megatron interleaves QKV per query group: ``[g0: q_0..q_{h/g-1}, k, v][g1: ...]``."""
+    q, k, v = targets
+    assert shape is not None
+    ng, hd = shape.num_query_groups, shape.head_dim
+    per = shape.num_heads // ng
+    expected = ng * (per + 2) * hd
+    if rows != expected:
+        raise ValueError(
+            f"linear_qkv has {rows} rows, expected {expected} for {shape.num_heads} heads, "
+            f"{ng} query groups and head dim {hd}"
+        )
+    idx = torch.arange(rows).view(ng, per + 2, hd)
+    return [
+        (q, idx[:, :per].reshape(-1)),
+        (k, idx[:, per].reshape(-1)),
+        (v, idx[:, per + 1].reshape(-1)),
+    ]
+
+
+MappingKind = Callable[..., RowPlan]
+
+
+def apply_rows(tensor: torch.Tensor, rows: "torch.Tensor | None") -> torch.Tensor:
+    return tensor if rows is None else tensor.index_select(0, rows)
+
+
+def apply_plan_to_packed(packed: dict[str, torch.Tensor], plan: RowPlan, total_rows: int) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Apply a row plan to every row-wise tensor of a packed dict (scalars are shared)."""
+    out = []
+    for target, rows in plan:
+        part = {}
+        for suffix, t in packed.items():
+            if t.dim() >= 1 and t.shape[0] == total_rows:
+                part[suffix] = apply_rows(t, rows)
+            else:
+                part[suffix] = t
+        out.append((target, part))
+    return out

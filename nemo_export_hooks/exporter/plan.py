@@ -1,0 +1,193 @@
+"""Plan an export: walk this rank's model chunks once and turn every tensor into a job.
+
+A :class:`Job` knows where its tensor lives, how it is split across ranks, which HF names it
+becomes and whether this rank writes it, but holds no data of its own.  Planning is cheap
+and has no collectives, so the whole model can be checked against the architecture (and
+the HF key set) before a single byte is written; running the jobs then gathers, packs and
+yields tensors one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from . import mappings as mk
+from .experts import iter_experts
+from .parallel import Group, ParallelLayout
+from .rules.base import IGNORED_SUFFIXES, ArchMismatchError, ArchRule, Entry, ModelInfo
+from .source import LayerRef, iter_layers, model_attrs, named_tensors
+
+QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
+
+
+@dataclass
+class Job:
+    source: str  # Megatron name, for messages
+    targets: tuple[str, ...]  # full HF names
+    kind: mk.MappingKind
+    tensor: torch.Tensor  # this rank's local tensor
+    tp_dim: Optional[int]  # dim split across `group` (None: replicated)
+    group: Group
+    glu: bool  # fc1 of a gated MLP: [gate_shard; up_shard] per rank
+    owner: bool  # this rank writes the result
+    quant_module: Optional[torch.nn.Module] = None
+    quant_index: Optional[int] = None
+    keep_fp32: bool = False
+
+    @property
+    def is_weight(self) -> bool:
+        return self.targets[0].endswith(".weight")
+
+
+@dataclass
+class ExportPlan:
+    rule: ArchRule
+    info: ModelInfo
+    layout: ParallelLayout
+    jobs: list[Job] = field(default_factory=list)
+    chunks: list = field(default_factory=list)
+
+    def owned_names(self) -> list[str]:
+        return [t for j in self.jobs if j.owner for t in j.targets]
+
+
+def _has_quantizer(module: Optional[torch.nn.Module]) -> bool:
+    q = getattr(module, "weight_quantizer", None)
+    return q is not None and isinstance(q, torch.nn.Module)
+
+
+def _tp_dim(t: torch.Tensor) -> Optional[int]:
+    if getattr(t, "tensor_model_parallel", False):
+        return int(getattr(t, "partition_dim", 0))
+    return None
+
+
+def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
+    cfg = chunks[0].config
+    attrs = model_attrs(chunks)
+    moe_layers: list[int]
+    if getattr(cfg, "num_moe_experts", None):
+        freq = getattr(cfg, "moe_layer_freq", 1)
+        n = cfg.num_layers
+        if isinstance(freq, int):
+            moe_layers = [i for i in range(n) if i % freq == 0]
+        else:
+            moe_layers = [i for i, f in enumerate(list(freq)) if f]
+    else:
+        moe_layers = []
+    has_shared = bool(getattr(cfg, "moe_shared_expert_intermediate_size", None))
+    has_bias = bool(getattr(cfg, "moe_router_enable_expert_bias", False))
+    return ModelInfo(cfg, attrs, moe_layers, cfg.num_layers, has_shared, has_bias)
+
+
+def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPlan:
+    layers = list(iter_layers(chunks))
+    info = model_info(chunks, layers)
+    if info.moe_layers and not rule.supports_moe:
+        raise ArchMismatchError(
+            f"arch {rule.model_type!r} has no experts, but the model has MoE layers {info.moe_layers}"
+        )
+    if rule.check is not None:
+        rule.check(info)
+    plan = ExportPlan(rule, info, layout, chunks=chunks)
+    dense_owner = layout.owns_dense
+    for chunk in chunks:
+        if getattr(chunk, "pre_process", True) and getattr(chunk, "embedding", None) is not None:
+            w = chunk.embedding.word_embeddings.weight
+            plan.jobs.append(Job("embedding.word_embeddings.weight", (rule.embedding,), mk.rename, w, _tp_dim(w), layout.tp, False, dense_owner))
+    for ref in layers:
+        _plan_layer(plan, ref)
+    for chunk in chunks:
+        if not getattr(chunk, "post_process", True):
+            continue
+        fl = getattr(chunk.decoder, "final_layernorm", None)
+        if fl is not None:
+            plan.jobs.append(Job("decoder.final_layernorm.weight", (rule.final_norm,), mk.rename, fl.weight, None, layout.tp, False, dense_owner))
+            if getattr(fl, "bias", None) is not None:
+                plan.jobs.append(Job("decoder.final_layernorm.bias", (rule.final_norm_bias,), mk.rename, fl.bias, None, layout.tp, False, dense_owner))
+        out = getattr(chunk, "output_layer", None)
+        if out is not None and not info.attrs["tie_word_embeddings"]:
+            w = out.weight
+            plan.jobs.append(Job("output_layer.weight", (rule.output,), mk.rename, w, _tp_dim(w), layout.tp, False, dense_owner))
+    return plan
+
+
+def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
+    rule, layout, cfg = plan.rule, plan.layout, plan.info.config
+    prefix = rule.layer_prefix.format(L=ref.index)
+    layer = ref.module
+    gated = bool(cfg.gated_linear_unit)
+    experts_mod = getattr(getattr(layer, "mlp", None), "experts", None)
+    for name, tensor in named_tensors(layer):
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if experts_mod is not None and name.startswith("mlp.experts."):
+            continue  # mapped once per expert below
+        entry: Entry = rule.entry(name)
+        targets = tuple(prefix + t for t in entry.targets)
+        module_name, _, leaf = name.rpartition(".")
+        module = layer.get_submodule(module_name) if module_name else layer
+        quant_mod = module if leaf == "weight" and _has_quantizer(module) else None
+        glu = entry.kind is mk.glu_split
+        if glu and not gated:
+            raise ArchMismatchError(f"layer {ref.index}: `{name}` is not gated but arch {rule.model_type!r} expects gate/up")
+        plan.jobs.append(
+            Job(
+                f"layer {ref.index} {name}",
+                targets,
+                entry.kind,
+                tensor,
+                _tp_dim(tensor),
+                layout.tp,
+                glu,
+                layout.owns_dense,
+                quant_module=quant_mod,
+                keep_fp32=name.endswith("expert_bias"),
+            )
+        )
+    if experts_mod is not None:
+        _plan_experts(plan, ref, experts_mod, prefix, gated)
+
+
+def _plan_experts(plan: ExportPlan, ref: LayerRef, experts, prefix: str, gated: bool) -> None:
+    rule, layout = plan.rule, plan.layout
+    names = rule.expert_names
+    n_local = getattr(experts, "num_local_experts", None)
+    views = list(iter_experts(experts, ref.index, 0, "mlp.experts"))
+    n_local = len(views) if n_local is None else int(n_local)
+    offset = layout.ep.rank * n_local
+    for v in views:
+        g = offset + v.local_index
+        if gated:
+            if "gate" not in names:
+                raise ArchMismatchError(f"arch {rule.model_type!r} has non-gated experts; layer {ref.index} experts are gated")
+            fc1_targets = (prefix + names["gate"].format(E=g), prefix + names["up"].format(E=g))
+            kind = mk.glu_split
+        else:
+            if "gate" in names:
+                raise ArchMismatchError(f"arch {rule.model_type!r} needs gated experts; layer {ref.index} experts are not gated")
+            fc1_targets = (prefix + names["up"].format(E=g),)
+            kind = mk.rename
+        fc2_targets = (prefix + names["down"].format(E=g),)
+        for lin, targets, k in ((v.fc1, fc1_targets, kind), (v.fc2, fc2_targets, mk.rename)):
+            qmod = lin.module if _has_quantizer(lin.module) else None
+            where = f"layer {ref.index} expert {g} ({lin.name})"
+            plan.jobs.append(
+                Job(where, targets, k, lin.weight, lin.tp_dim if layout.etp.size > 1 else None, layout.etp,
+                    k is mk.glu_split, layout.owns_experts, quant_module=qmod, quant_index=lin.quant_index)
+            )
+            if lin.bias is not None:
+                btargets = tuple(t[: -len("weight")] + "bias" for t in targets)
+                bdim = 0 if lin.tp_dim == 0 and layout.etp.size > 1 else None
+                plan.jobs.append(Job(where + " bias", btargets, k, lin.bias, bdim, layout.etp, k is mk.glu_split, layout.owns_experts))
+
+
+def attention_shape(cfg) -> mk.AttentionShape:
+    return mk.AttentionShape(
+        num_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
+        head_dim=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
+    )

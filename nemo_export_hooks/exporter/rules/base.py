@@ -1,0 +1,191 @@
+"""What an architecture rule is: a declarative name table plus a config builder.
+
+A rule says, for one Hugging Face ``model_type``:
+* ``layer_table``: Megatron layer-local tensor name -> (mapping kind, HF names relative to
+  the HF layer prefix).  Several Megatron names may map to the same HF name (the local
+  spec's ``input_layernorm.weight`` and TE's fused ``linear_qkv.layer_norm_weight``).
+* ``expert_names``: HF names of one routed expert's projections (``{E}`` = global expert id).
+* top-level names (embedding, final norm, output layer).
+* ``build_config``: the HF ``config.json`` generated from ``TransformerConfig`` alone.
+
+A Megatron tensor with no entry in the table means the model does not fit the arch; the
+exporter refuses before writing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import mappings as mk
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: mk.MappingKind
+    targets: tuple[str, ...]
+
+
+def R(*targets: str) -> Entry:
+    return Entry(mk.rename, targets)
+
+
+def QKV(*targets: str) -> Entry:
+    return Entry(mk.qkv_split, targets)
+
+
+def GLU(*targets: str) -> Entry:
+    return Entry(mk.glu_split, targets)
+
+
+class ArchMismatchError(ValueError):
+    """The model's structure does not fit the requested architecture."""
+
+
+ACTIVATIONS = {"silu": "silu", "gelu": "gelu_pytorch_tanh", "relu": "relu", "squared_relu": "relu2"}
+
+
+def activation_name(config) -> str:
+    """Name Megatron's activation function the way HF configs do; unknown ones raise."""
+    import torch.nn.functional as F
+
+    fn = config.activation_func
+    if fn is F.silu:
+        return "silu"
+    if fn is F.gelu:
+        return "gelu"
+    if fn is F.relu:
+        return "relu"
+    name = getattr(fn, "__name__", repr(fn))
+    if "squared_relu" in name:
+        return "relu2"
+    if name == "<lambda>":
+        # A lambda: probe it (squared ReLU is commonly written as one).
+        x = torch.tensor([-1.0, 0.5, 2.0])
+        y = fn(x)
+        if torch.allclose(y, torch.relu(x) ** 2):
+            return "relu2"
+        if torch.allclose(y, torch.nn.functional.silu(x)):
+            return "silu"
+    raise ArchMismatchError(f"unsupported activation function {name!r}: export supports silu, gelu, relu, squared relu")
+
+
+@dataclass
+class ModelInfo:
+    """Everything a rule needs to know about the model, read from config and attributes."""
+
+    config: Any  # megatron TransformerConfig
+    attrs: dict
+    moe_layers: list[int]  # global indices of MoE layers
+    num_layers: int
+    has_shared_experts: bool
+    has_expert_bias: bool
+
+
+@dataclass
+class ArchRule:
+    model_type: str
+    architecture: str
+    layer_prefix: str = "model.layers.{L}."
+    embedding: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    final_norm_bias: str = "model.norm.bias"
+    output: str = "lm_head.weight"
+    layer_table: dict[str, Entry] = field(default_factory=dict)
+    expert_names: dict[str, str] = field(default_factory=dict)  # gate/up/down (or up/down)
+    supports_moe: bool = False
+    build_config: Optional[Callable[[ModelInfo], dict]] = None
+    check: Optional[Callable[[ModelInfo], None]] = None
+    # Names excluded from quantization in HF terms (router, embeddings, lm_head), as patterns.
+    quant_exclude: tuple[str, ...] = ("lm_head",)
+
+    def entry(self, local_name: str) -> Entry:
+        e = self.layer_table.get(local_name)
+        if e is None:
+            raise ArchMismatchError(
+                f"model has `{local_name}` in its layers, which arch {self.model_type!r} "
+                "has no place for (the model's structure does not fit this architecture)"
+            )
+        return e
+
+
+# Tensors Megatron keeps that are not weights of the model.
+IGNORED_SUFFIXES = ("_extra_state", "local_tokens_per_expert")
+
+
+# -- shared pieces of the Llama-family tables ----------------------------------------------
+ATTENTION = {
+    "input_layernorm.weight": R("input_layernorm.weight"),
+    "self_attention.linear_qkv.layer_norm_weight": R("input_layernorm.weight"),
+    "self_attention.linear_qkv.weight": QKV("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attention.linear_proj.weight": R("self_attn.o_proj.weight"),
+    "pre_mlp_layernorm.weight": R("post_attention_layernorm.weight"),
+    "mlp.linear_fc1.layer_norm_weight": R("post_attention_layernorm.weight"),
+}
+QKV_BIAS = {
+    "self_attention.linear_qkv.bias": QKV("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+}
+QK_NORM = {
+    "self_attention.q_layernorm.weight": R("self_attn.q_norm.weight"),
+    "self_attention.k_layernorm.weight": R("self_attn.k_norm.weight"),
+}
+DENSE_MLP = {
+    "mlp.linear_fc1.weight": GLU("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc2.weight": R("mlp.down_proj.weight"),
+}
+SWIGLU_EXPERTS = {
+    "gate": "mlp.experts.{E}.gate_proj.weight",
+    "up": "mlp.experts.{E}.up_proj.weight",
+    "down": "mlp.experts.{E}.down_proj.weight",
+}
+
+
+def llama_family_config(info: ModelInfo, model_type: str, architecture: str) -> dict:
+    """Fields every Llama-family HF config shares, from ``TransformerConfig``."""
+    c, a = info.config, info.attrs
+    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": a["vocab_size"],
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.ffn_hidden_size,
+        "num_hidden_layers": info.num_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_query_groups or c.num_attention_heads,
+        "head_dim": head_dim,
+        "hidden_act": activation_name(c),
+        "max_position_embeddings": a["max_sequence_length"],
+        "rms_norm_eps": c.layernorm_epsilon,
+        "rope_theta": a["rotary_base"],
+        "tie_word_embeddings": a["tie_word_embeddings"],
+        "attention_bias": bool(c.add_qkv_bias or c.add_bias_linear),
+        "attention_dropout": 0.0,
+        "initializer_range": c.init_method_std,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ArchMismatchError(msg)
+
+
+def check_llama_family(info: ModelInfo, model_type: str, qk_norm: bool | None) -> None:
+    c = info.config
+    require(c.normalization == "RMSNorm", f"{model_type} needs RMSNorm, the model uses {c.normalization}")
+    require(c.gated_linear_unit, f"{model_type} needs a gated MLP (gated_linear_unit=True)")
+    require(activation_name(c) == "silu", f"{model_type} needs SiLU, the model uses {activation_name(c)}")
+    require(info.attrs["position_embedding_type"] == "rope", f"{model_type} needs rotary embeddings")
+    require(info.attrs["rotary_percent"] == 1.0, f"{model_type} needs rotary_percent=1.0")
+    require(not getattr(c, "multi_latent_attention", False), f"{model_type} has no multi-latent attention")
+    if qk_norm is not None:
+        require(
+            bool(c.qk_layernorm) == qk_norm,
+            f"{model_type} {'needs' if qk_norm else 'has no'} qk-norm; the model has qk_layernorm={c.qk_layernorm}",
+        )
+    require(not c.add_bias_linear, f"{model_type} has no biases on linear layers (add_bias_linear=True)")

@@ -1,0 +1,62 @@
+"""Dense Llama-family architectures: ``llama``, ``qwen2`` (QKV bias), ``qwen3`` (qk-norm)."""
+
+from __future__ import annotations
+
+from .base import ATTENTION, DENSE_MLP, QK_NORM, QKV_BIAS, ArchRule, ModelInfo, check_llama_family, llama_family_config, require
+
+
+def _dense_check(model_type: str, qk_norm: bool, qkv_bias: bool):
+    def check(info: ModelInfo) -> None:
+        c = info.config
+        require(not info.moe_layers, f"{model_type} is a dense architecture but the model has MoE layers {info.moe_layers}")
+        check_llama_family(info, model_type, qk_norm)
+        require(
+            bool(c.add_qkv_bias) == qkv_bias,
+            f"{model_type} {'needs' if qkv_bias else 'has no'} QKV bias; the model has add_qkv_bias={c.add_qkv_bias}",
+        )
+
+    return check
+
+
+def _llama_config(info: ModelInfo) -> dict:
+    cfg = llama_family_config(info, "llama", "LlamaForCausalLM")
+    cfg.update(mlp_bias=False, pretraining_tp=1, rope_scaling=None)
+    return cfg
+
+
+def _qwen2_config(info: ModelInfo) -> dict:
+    cfg = llama_family_config(info, "qwen2", "Qwen2ForCausalLM")
+    cfg.pop("attention_bias")
+    cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=info.num_layers, rope_scaling=None)
+    return cfg
+
+
+def _qwen3_config(info: ModelInfo) -> dict:
+    cfg = llama_family_config(info, "qwen3", "Qwen3ForCausalLM")
+    cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=info.num_layers, rope_scaling=None)
+    return cfg
+
+
+LLAMA = ArchRule(
+    model_type="llama",
+    architecture="LlamaForCausalLM",
+    layer_table={**ATTENTION, **DENSE_MLP},
+    build_config=_llama_config,
+    check=_dense_check("llama", qk_norm=False, qkv_bias=False),
+)
+
+QWEN2 = ArchRule(
+    model_type="qwen2",
+    architecture="Qwen2ForCausalLM",
+    layer_table={**ATTENTION, **QKV_BIAS, **DENSE_MLP},
+    build_config=_qwen2_config,
+    check=_dense_check("qwen2", qk_norm=False, qkv_bias=True),
+)
+
+QWEN3 = ArchRule(
+    model_type="qwen3",
+    architecture="Qwen3ForCausalLM",
+    layer_table={**ATTENTION, **QK_NORM, **DENSE_MLP},
+    build_config=_qwen3_config,
+    check=_dense_check("qwen3", qk_norm=True, qkv_bias=False),
+)

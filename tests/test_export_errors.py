@@ -1,0 +1,91 @@
+"""Bad input fails loudly, names what is wrong, and writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_export_hooks import export_to_hf
+from nemo_export_hooks.exporter.experts import ExpertLayoutError
+from nemo_export_hooks.exporter.rules import ArchMismatchError
+from nemo_export_hooks.testing.cpu import TinySpec, build_gpt
+from nemo_export_hooks.testing.layouts import to_te_grouped
+
+
+def _nothing_written(tmp_path):
+    assert list(tmp_path.iterdir()) == [] or all(p.name == "keep" for p in tmp_path.iterdir())
+
+
+def test_unknown_arch_lists_supported(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    with pytest.raises(ValueError, match=r"unknown arch 'gpt9'.*llama.*mixtral.*qwen3_moe"):
+        export_to_hf(m, tmp_path / "hf", arch="gpt9")
+    _nothing_written(tmp_path)
+
+
+def test_missing_grouped_expert_names_layer_and_expert(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    to_te_grouped(m)
+    del m.decoder.layers[1].mlp.experts.linear_fc1._parameters["weight2"]
+    with pytest.raises(ExpertLayoutError, match=r"layer 1 expert 2 .*linear_fc1.*weight2"):
+        export_to_hf(m, tmp_path / "hf", arch="qwen3_moe")
+    _nothing_written(tmp_path)
+
+
+def test_qk_norm_does_not_fit_mixtral(mcore, tmp_path):
+    m = build_gpt(TinySpec(qk_layernorm=True))
+    with pytest.raises(ArchMismatchError, match="mixtral has no qk-norm"):
+        export_to_hf(m, tmp_path / "hf", arch="mixtral")
+    _nothing_written(tmp_path)
+
+
+def test_experts_do_not_fit_llama(mcore, tmp_path):
+    m = build_gpt(TinySpec(qk_layernorm=False))
+    with pytest.raises(ArchMismatchError, match=r"arch 'llama' has no experts.*MoE layers \[0, 1\]"):
+        export_to_hf(m, tmp_path / "hf", arch="llama")
+
+
+def test_unsupported_activation(mcore, tmp_path):
+    spec = TinySpec(num_experts=None, extra={"activation_func": torch.tanh, "gated_linear_unit": True})
+    m = build_gpt(spec)
+    with pytest.raises(ArchMismatchError, match="unsupported activation function 'tanh'"):
+        export_to_hf(m, tmp_path / "hf", arch="qwen3")
+
+
+def test_wrong_activation_for_arch(mcore, tmp_path):
+    m = build_gpt(TinySpec(num_experts=None, activation="gelu"))
+    with pytest.raises(ArchMismatchError, match="qwen3 needs SiLU, the model uses gelu"):
+        export_to_hf(m, tmp_path / "hf", arch="qwen3")
+
+
+def test_non_empty_out_dir_refused_unless_overwrite(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="exists and is not empty"):
+        export_to_hf(m, out, arch="qwen3_moe")
+    # overwrite=True still refuses a directory we did not create
+    with pytest.raises(RuntimeError, match="not an export made by nemo-export-hooks"):
+        export_to_hf(m, out, arch="qwen3_moe", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    out2 = tmp_path / "hf2"
+    export_to_hf(m, out2, arch="qwen3_moe")
+    export_to_hf(m, out2, arch="qwen3_moe", overwrite=True)  # an earlier export may be replaced
+    assert (out2 / "config.json").exists()
+
+
+def test_unwritable_parent(mcore, tmp_path):
+    """A parent that cannot hold a directory (works as root too, unlike chmod)."""
+    m = build_gpt(TinySpec())
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(RuntimeError, match=r"cannot export to .*afile/hf"):
+        export_to_hf(m, blocker / "hf", arch="qwen3_moe")
+    assert blocker.read_text() == "x"
+
+
+def test_bad_dtype(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    with pytest.raises(ValueError, match="unsupported export dtype 'int8'"):
+        export_to_hf(m, tmp_path / "hf", arch="qwen3_moe", dtype="int8")
