@@ -199,6 +199,8 @@ def build_gpt(spec: TinySpec | None = None, seed: int = 1234, pre_process=True, 
             multi_latent_attention=spec.multi_latent_attention,
             normalization=spec.normalization,
         )
+    if spec.multi_latent_attention:
+        use_cpu_mla_attention(layer_spec)
     kwargs = {}
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
@@ -242,3 +244,44 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=tokens, position_ids=position_ids, attention_mask=mask)
     return out.float()
+
+
+class MLACoreAttentionStandIn(torch.nn.Module):
+    """CPU core attention for multi-latent attention (MLA).
+
+    Megatron-Core's local ``DotProductAttention`` cannot serve MLA (MLA passes ``k_channels``
+    and ``v_channels``, which differ: q/k heads are ``qk_head_dim + qk_pos_emb_head_dim``
+    wide, v heads ``v_head_dim``); on GPU, Transformer Engine's attention does.  This
+    stand-in computes plain causal softmax attention with MLA's ``softmax_scale`` and holds
+    no state, so a model built with it has exactly the parameters of the local MLA spec.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        self.config = config
+        self.k_channels = k_channels or config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else self.k_channels ** -0.5
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        # query/key [s, b, n, dk], value [s, b, n, dv]; attention_mask True = masked out
+        assert packed_seq_params is None and attention_bias is None
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
+        if attention_mask is None:  # MLA layers are causal (AttnMaskType.causal)
+            sq, sk = scores.shape[-2:]
+            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(sk - sq + 1)
+        scores = scores.masked_fill(attention_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        ctx = torch.matmul(probs, v)  # [b, n, s, dv]
+        return ctx.permute(2, 0, 1, 3).reshape(ctx.shape[2], ctx.shape[0], -1)
+
+
+def use_cpu_mla_attention(layer_spec) -> None:
+    """Give every MLA layer of a (block or layer) spec the CPU core attention stand-in."""
+    specs = getattr(layer_spec, "layer_specs", None) or [layer_spec]
+    for s in specs:
+        attn = getattr(getattr(s, "submodules", None), "self_attention", None)
+        sub = getattr(attn, "submodules", None)
+        if sub is not None and hasattr(sub, "linear_kv_down_proj"):
+            sub.core_attention = MLACoreAttentionStandIn

@@ -1,0 +1,264 @@
+"""DeepSeek-V3 (``deepseek_v3``, transformers ``DeepseekV3ForCausalLM``).
+
+Multi-latent attention (MLA), first-k dense layers, shared experts and a sigmoid router with
+expert bias (``noaux_tc``), group-limited routing and a routed scaling factor.
+
+Layouts, read from Megatron-Core 0.15.3 ``transformer/multi_latent_attention.py`` and
+transformers 4.57.6 ``models/deepseek_v3/modeling_deepseek_v3.py``; every tensor is a plain
+rename, no rows are permuted:
+
+* ``linear_q_proj`` / ``linear_q_up_proj``: ``[heads * (qk_head_dim + qk_pos_emb_head_dim), in]``,
+  each head ``[nope | rope]`` (Megatron ``q.view(..., n, q_head_dim)`` then
+  ``split([qk_head_dim, qk_pos_emb_head_dim])``; HF ``view(query_shape)`` then
+  ``split([qk_nope_head_dim, qk_rope_head_dim])``).
+* ``linear_kv_down_proj``: ``[kv_lora_rank + qk_pos_emb_head_dim, hidden]`` split
+  ``[kv_lora_rank, rope]``, exactly HF ``kv_a_proj_with_mqa``.
+* ``linear_kv_up_proj``: ``[heads * (qk_head_dim + v_head_dim), kv_lora_rank]``, each head
+  ``[k_nope | v]``, exactly HF ``kv_b_proj``.
+* RoPE: with ``multi_latent_attention`` Megatron's ``_apply_rotary_pos_emb_bshd``
+  de-interleaves the rope dims (``t = cat(t[..., 0::2], t[..., 1::2])``) before a
+  rotate-half rotation (the fused MLA yarn kernels do the same); HF's
+  ``apply_rotary_pos_emb_interleave`` (``rope_interleave=True``, the DeepSeek default)
+  does ``view(d//2, 2).transpose`` -- the same permutation -- before rotate-half.  So the
+  weights keep DeepSeek's native interleaved rope layout and the config says
+  ``rope_interleave: true``.
+
+Routing (Megatron ``moe_utils.topk_routing_with_score_function`` / ``group_limited_topk``
+vs HF ``DeepseekV3TopkRouter``): both take sigmoid scores, choose experts on
+``scores + bias`` (group-limited), gather the unbiased scores, normalise over the top-k and
+multiply by the scaling factor.  Differences that the checks below pin down: HF ranks
+groups by the sum of the top **2** scores per group (Megatron: top ``topk // group_topk``);
+HF always normalises when ``norm_topk_prob`` (Megatron only when ``topk > 1``); HF always
+has ``e_score_correction_bias`` and shared experts.
+
+Supported RoPE: Megatron MLA ``rope_type="rope"`` (no scaling) and ``rope_type="yarn"``
+(``rope_scaling`` of type ``yarn`` with ``factor``, ``original_max_position_embeddings``,
+``beta_fast``, ``beta_slow``, ``mscale``, ``mscale_all_dim``, plus ``attention_factor``
+when HF would infer a different one).  Anything else raises :class:`ArchMismatchError`.
+Multi-token-prediction layers (``mtp.*``) are not exported (HF drops them too).
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import register
+from .base import ATTENTION, DENSE_MLP, GLU, SWIGLU_EXPERTS, ArchRule, ModelInfo, R, activation_name, require
+
+MODEL_TYPE = "deepseek_v3"
+
+MLA_ATTENTION = {
+    "input_layernorm.weight": R("input_layernorm.weight"),
+    # q without LoRA (q_lora_rank=None)
+    "self_attention.linear_q_proj.weight": R("self_attn.q_proj.weight"),
+    # q with LoRA
+    "self_attention.linear_q_down_proj.weight": R("self_attn.q_a_proj.weight"),
+    "self_attention.q_layernorm.weight": R("self_attn.q_a_layernorm.weight"),
+    "self_attention.linear_q_up_proj.layer_norm_weight": R("self_attn.q_a_layernorm.weight"),  # TE fused
+    "self_attention.linear_q_up_proj.weight": R("self_attn.q_b_proj.weight"),
+    # kv
+    "self_attention.linear_kv_down_proj.weight": R("self_attn.kv_a_proj_with_mqa.weight"),
+    "self_attention.kv_layernorm.weight": R("self_attn.kv_a_layernorm.weight"),
+    "self_attention.linear_kv_up_proj.layer_norm_weight": R("self_attn.kv_a_layernorm.weight"),  # TE fused
+    "self_attention.linear_kv_up_proj.weight": R("self_attn.kv_b_proj.weight"),
+    "self_attention.linear_proj.weight": R("self_attn.o_proj.weight"),
+    # post-attention norm: separate (MoE layers, local spec) or fused into dense fc1 (TE)
+    "pre_mlp_layernorm.weight": ATTENTION["pre_mlp_layernorm.weight"],
+    "mlp.linear_fc1.layer_norm_weight": ATTENTION["mlp.linear_fc1.layer_norm_weight"],
+}
+
+MOE = {
+    "mlp.router.weight": R("mlp.gate.weight"),
+    "mlp.router.expert_bias": R("mlp.gate.e_score_correction_bias"),  # kept float32 (Job.keep_fp32)
+    "mlp.shared_experts.linear_fc1.weight": GLU("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
+    "mlp.shared_experts.linear_fc2.weight": R("mlp.shared_experts.down_proj.weight"),
+}
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    # Megatron yarn_rotary_pos_embedding._yarn_get_mscale == HF deepseek_v3 yarn_get_mscale
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def first_k_dense(info: ModelInfo) -> int:
+    """HF builds MoE in every layer ``>= first_k_dense_replace``; Megatron's MoE layers must
+    be exactly that suffix."""
+    moe = sorted(info.moe_layers)
+    if not moe:
+        return info.num_layers
+    k = moe[0]
+    require(
+        moe == list(range(k, info.num_layers)),
+        f"{MODEL_TYPE} has dense layers first and MoE in every layer after them "
+        f"(first_k_dense_replace); the model's MoE layers are {moe} of {info.num_layers}",
+    )
+    return k
+
+
+def _check(info: ModelInfo) -> None:
+    c, a = info.config, info.attrs
+    m = MODEL_TYPE
+    require(bool(getattr(c, "multi_latent_attention", False)), f"{m} needs multi-latent attention (MLATransformerConfig)")
+    require(c.normalization == "RMSNorm", f"{m} needs RMSNorm, the model uses {c.normalization}")
+    require(not getattr(c, "layernorm_zero_centered_gamma", False), f"{m} has no zero-centred norm weights (layernorm_zero_centered_gamma=True)")
+    require(c.gated_linear_unit, f"{m} needs a gated MLP (gated_linear_unit=True)")
+    require(activation_name(c) == "silu", f"{m} needs SiLU, the model uses {activation_name(c)}")
+    require(not c.add_bias_linear and not c.add_qkv_bias, f"{m} export has no biases on linear layers (add_bias_linear/add_qkv_bias)")
+    require(bool(c.qk_layernorm), f"{m} needs the q/kv latent norms (qk_layernorm=True); the model has none")
+    ng = c.num_query_groups
+    require(ng in (None, c.num_attention_heads), f"{m} (MLA) has one kv head per query head; the model has num_query_groups={ng}")
+    require(
+        a["position_embedding_type"] in ("rope", "none"),
+        f"{m} applies RoPE inside MLA; the model has position_embedding_type={a['position_embedding_type']!r}",
+    )
+    require(not c.rotary_interleaved, f"{m} export needs rotary_interleaved=False (MLA de-interleaves the rope dims itself)")
+    rope_type = getattr(c, "rope_type", "yarn")
+    require(rope_type in ("rope", "yarn"), f"{m} supports rope_type 'rope' or 'yarn', the model uses {rope_type!r}")
+    if rope_type == "rope":
+        require(c.rotary_percent == 1.0, f"{m} needs rotary_percent=1.0, the model has {c.rotary_percent}")
+        # Megatron scales softmax by mscale(rotary_scaling_factor, mscale_all_dim)^2 even
+        # with plain rope; HF only does so with a yarn rope_scaling.
+        ms = _yarn_mscale(c.rotary_scaling_factor, c.mscale_all_dim)
+        require(
+            ms == 1.0,
+            f"{m}: rope_type='rope' with rotary_scaling_factor={c.rotary_scaling_factor} and "
+            f"mscale_all_dim={c.mscale_all_dim} scales the softmax by {ms * ms:.6g}, which HF applies only with yarn",
+        )
+    if not info.moe_layers:
+        return
+    first_k_dense(info)
+    score = getattr(c, "moe_router_score_function", "softmax")
+    require(score == "sigmoid", f"{m} routes with sigmoid scores; the model's router uses {score} (moe_router_score_function)")
+    require(
+        info.has_expert_bias,
+        f"{m} always has a router expert bias (e_score_correction_bias, topk_method noaux_tc); "
+        "the model has moe_router_enable_expert_bias=False",
+    )
+    require(info.has_shared_experts, f"{m} always has shared experts; the model has none (moe_shared_expert_intermediate_size)")
+    sh, ffn = c.moe_shared_expert_intermediate_size, c.moe_ffn_hidden_size
+    require(
+        sh % ffn == 0,
+        f"{m} shared experts are n_shared_experts * moe_intermediate_size wide; "
+        f"moe_shared_expert_intermediate_size={sh} is not a multiple of moe_ffn_hidden_size={ffn}",
+    )
+    n, topk = c.num_moe_experts, c.moe_router_topk
+    groups, gtopk = getattr(c, "moe_router_num_groups", None), getattr(c, "moe_router_group_topk", None)
+    if gtopk:
+        require(n % groups == 0, f"{m}: {n} experts do not split into {groups} groups")
+        require(
+            topk // gtopk == 2 or gtopk == groups,
+            f"{m} ranks expert groups by the sum of their top-2 scores; Megatron uses the top "
+            f"moe_router_topk // moe_router_group_topk = {topk} // {gtopk} = {topk // gtopk}",
+        )
+    else:
+        require(n >= 2, f"{m} routing needs at least 2 experts")
+    require(
+        getattr(c, "moe_router_topk_limited_devices", None) is None,
+        f"{m}: moe_router_topk_limited_devices is not supported (use moe_router_num_groups/moe_router_group_topk)",
+    )
+
+
+def _rope(info: ModelInfo) -> tuple[dict | None, int]:
+    c, a = info.config, info.attrs
+    if getattr(c, "rope_type", "yarn") == "rope":
+        return None, a["max_sequence_length"]
+    factor = float(c.rotary_scaling_factor)
+    orig = int(c.original_max_position_embeddings)
+    rs = {
+        "type": "yarn",
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": orig,
+        "beta_fast": float(c.beta_fast),
+        "beta_slow": float(c.beta_slow),
+        "mscale": float(c.mscale),
+        "mscale_all_dim": float(c.mscale_all_dim),
+    }
+    # Megatron's cos/sin factor is mscale(f, mscale) / mscale(f, mscale_all_dim) always;
+    # HF infers that only when both are non-zero, else mscale(f, 1).
+    meg = _yarn_mscale(factor, c.mscale) / _yarn_mscale(factor, c.mscale_all_dim)
+    hf = meg if (c.mscale and c.mscale_all_dim) else _yarn_mscale(factor, 1.0)
+    if not math.isclose(meg, hf, rel_tol=0, abs_tol=1e-12):
+        rs["attention_factor"] = float(meg)
+    return rs, max(a["max_sequence_length"], int(round(orig * factor)))
+
+
+def _config(info: ModelInfo) -> dict:
+    c, a = info.config, info.attrs
+    rope_scaling, max_pos = _rope(info)
+    cfg = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "vocab_size": a["vocab_size"],
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.ffn_hidden_size,
+        "num_hidden_layers": info.num_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_attention_heads,
+        "q_lora_rank": c.q_lora_rank,
+        "kv_lora_rank": c.kv_lora_rank,
+        "qk_nope_head_dim": c.qk_head_dim,
+        "qk_rope_head_dim": c.qk_pos_emb_head_dim,
+        "v_head_dim": c.v_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": c.layernorm_epsilon,
+        "rope_theta": float(c.rotary_base),  # MLA's own base, not GPTModel.rotary_base
+        "rope_scaling": rope_scaling,
+        "rope_interleave": True,
+        "tie_word_embeddings": a["tie_word_embeddings"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": c.init_method_std,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pretraining_tp": 1,
+    }
+    if info.moe_layers:
+        topk = c.moe_router_topk
+        gtopk = getattr(c, "moe_router_group_topk", None)
+        groups = c.moe_router_num_groups if gtopk else 1
+        cfg.update(
+            first_k_dense_replace=first_k_dense(info),
+            moe_layer_freq=1,
+            n_routed_experts=c.num_moe_experts,
+            num_experts_per_tok=topk,
+            moe_intermediate_size=c.moe_ffn_hidden_size,
+            n_shared_experts=c.moe_shared_expert_intermediate_size // c.moe_ffn_hidden_size,
+            n_group=groups,
+            topk_group=gtopk if gtopk else 1,
+            routed_scaling_factor=float(c.moe_router_topk_scaling_factor or 1.0),
+            # Megatron normalises the gathered sigmoid scores only when topk > 1
+            norm_topk_prob=topk > 1,
+            scoring_func="sigmoid",
+            topk_method="noaux_tc",
+        )
+    else:  # a dense MLA model: every layer below first_k_dense_replace
+        cfg.update(
+            first_k_dense_replace=info.num_layers,
+            moe_layer_freq=1,
+            n_routed_experts=None,
+            num_experts_per_tok=None,
+            moe_intermediate_size=c.ffn_hidden_size,
+            n_shared_experts=None,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=1.0,
+            norm_topk_prob=True,
+        )
+    return cfg
+
+
+DEEPSEEK_V3 = ArchRule(
+    model_type=MODEL_TYPE,
+    architecture="DeepseekV3ForCausalLM",
+    layer_table={**MLA_ATTENTION, **DENSE_MLP, **MOE},
+    expert_names=SWIGLU_EXPERTS,
+    supports_moe=True,
+    build_config=_config,
+    check=_check,
+    quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate"),
+)
+
+register(DEEPSEEK_V3)
