@@ -4,7 +4,12 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+VENV_NEXT := .venv-next
+STAMP_NEXT := $(VENV_NEXT)/.installed
+# Exporter tests that must also pass on megatron-core 0.16.x + transformers 5.x.
+NEXT_TESTS := tests/test_export_core.py tests/test_export_errors.py
+
+.PHONY: venv demo test test-next bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -16,14 +21,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+$(STAMP_NEXT): pyproject.toml constraints-next.txt
+	test -x $(VENV_NEXT)/bin/python || $(PY) -m venv $(VENV_NEXT)
+	$(VENV_NEXT)/bin/python -m pip install -q --upgrade pip
+	$(VENV_NEXT)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_NEXT)/bin/python -m pip install -q -c constraints-next.txt -e '.[megatron,hf,quant,lightning]' pytest
+	touch $(STAMP_NEXT)
+
 demo: $(STAMP)
 	$(VPY) -m nemo_export_hooks.demo --out demo_run
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -rs tests
 
+# Second CI job: the exporter on megatron-core 0.16.1 and transformers 5.x.
+test-next: $(STAMP_NEXT)
+	$(VENV_NEXT)/bin/python -m pytest -q -rs -p no:logging $(NEXT_TESTS)
+
 bench: $(STAMP)
 	$(VPY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) demo_run bench_out
+	rm -rf $(VENV) $(VENV_NEXT) demo_run bench_out

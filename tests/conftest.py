@@ -30,6 +30,8 @@ def load_hf(path, dtype=torch.float32):
         str(path), torch_dtype=dtype, output_loading_info=True, attn_implementation="eager"
     )
     model.eval()
+    # transformers 4.x reports lists, 5.x sets: normalise to sorted lists
+    info = {k: sorted(map(str, v)) if isinstance(v, (list, set, tuple)) else v for k, v in info.items()}
     return model, info
 
 

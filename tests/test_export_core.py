@@ -20,9 +20,13 @@ ATOL = 1e-4  # float32 end to end; observed differences are ~1e-6
 LAYOUTS = {"sequential": lambda m: None, "te_grouped": to_te_grouped, "legacy_grouped": to_legacy_grouped}
 
 
-def roundtrip(model, arch, out, spec, atol=ATOL, **kw):
+def roundtrip(model, arch, out, spec, atol=ATOL, layout=None, **kw):
+    """Megatron forward (SequentialMLP experts), then optionally convert the experts to a
+    grouped layout holding the same weights, export, load in transformers, compare."""
     tokens = tokens_for(spec.vocab_size)
     ref = megatron_logits(model, tokens)
+    if layout is not None:
+        LAYOUTS[layout](model)
     res = export_to_hf(model, out, arch=arch, dtype=torch.float32, **kw)
     hf, info = load_hf(out)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
@@ -33,27 +37,62 @@ def roundtrip(model, arch, out, spec, atol=ATOL, **kw):
     return res, hf
 
 
+@pytest.mark.parametrize("layout", ["te_grouped", "legacy_grouped"])
+def test_grouped_layouts_compute_what_sequential_computes(mcore, layout):
+    """The stand-ins are only useful if the grouped model is the same function."""
+    spec = TinySpec()
+    m = build_gpt(spec)
+    tokens = tokens_for(spec.vocab_size)
+    ref = megatron_logits(m, tokens)
+    LAYOUTS[layout](m)
+    try:
+        got = megatron_logits(m, tokens)
+    except AssertionError as e:  # megatron-core 0.16 legacy GroupedMLP runs bf16 only
+        pytest.skip(f"{layout} forward unavailable in float32 here: {e}")
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_grouped_exports_equal_sequential_export_bytes(mcore, tmp_path, layout):
+    m = build_gpt(TinySpec())
+    export_to_hf(m, tmp_path / "seq", arch="qwen3_moe", dtype=torch.bfloat16)
+    LAYOUTS[layout](m)
+    export_to_hf(m, tmp_path / "grp", arch="qwen3_moe", dtype=torch.bfloat16)
+    a, b = _read_all(tmp_path / "seq"), _read_all(tmp_path / "grp")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _read_all(path):
+    out = {}
+    for fn in sorted(path.glob("*.safetensors")):
+        with safe_open(str(fn), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_qwen3_moe_every_expert_layout(mcore, tmp_path, layout):
     spec = TinySpec()
     m = build_gpt(spec)
-    LAYOUTS[layout](m)
-    res, hf = roundtrip(m, "qwen3_moe", tmp_path / "hf", spec)
-    assert res.num_tensors == len(hf.state_dict())
+    res, hf = roundtrip(m, "qwen3_moe", tmp_path / "hf", spec, layout=layout)
+    written = _read_all(tmp_path / "hf")
+    assert res.num_tensors == len(written) == 45
     assert res.path == tmp_path / "hf"
-    assert res.total_bytes == sum(t.numel() * 4 for t in hf.state_dict().values())
+    assert res.total_bytes == sum(t.numel() * 4 for t in written.values())
     assert res.seconds > 0
 
 
 def test_qwen3_moe_first_k_dense_and_gqa(mcore, tmp_path):
     spec = TinySpec(num_layers=3, moe_layer_freq=[0, 1, 1], num_attention_heads=8, num_query_groups=2, kv_channels=8)
     m = build_gpt(spec)
-    to_te_grouped(m)
-    res, hf = roundtrip(m, "qwen3_moe", tmp_path / "hf", spec)
+    res, hf = roundtrip(m, "qwen3_moe", tmp_path / "hf", spec, layout="te_grouped")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["mlp_only_layers"] == [0]
-    assert "model.layers.0.mlp.gate_proj.weight" in hf.state_dict()
-    assert "model.layers.1.mlp.experts.3.down_proj.weight" in hf.state_dict()
+    names = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.gate_proj.weight" in names
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
+    assert not any(n.startswith("model.layers.0.mlp.experts") for n in names)
 
 
 def test_mixtral(mcore, tmp_path):

@@ -38,7 +38,14 @@ def expected_hf_keys(cfg: dict) -> Optional[set[str]]:
         return None
     with torch.device("meta"):
         model = cls(config)
-    keys = set(model.state_dict().keys())
+    state = model.state_dict()
+    try:  # transformers >= 5 fuses experts in memory; list the names save_pretrained writes
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: in-memory names are the on-disk names
+        revert_weight_conversion = None
+    if revert_weight_conversion is not None:
+        state = revert_weight_conversion(model, state)
+    keys = set(state.keys())
     if getattr(config, "tie_word_embeddings", False):
         keys.discard("lm_head.weight")
     return keys
