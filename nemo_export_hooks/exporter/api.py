@@ -9,6 +9,7 @@ it with the same arguments.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import shutil
@@ -69,6 +70,7 @@ class PreparedExport:
     dtype: torch.dtype
     hf_config: dict
     quant_algo: Optional[str]
+    quant_exclude: list[str] = field(default_factory=list)
 
     def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """Gather/pack/split this rank's tensors (a collective generator)."""
@@ -82,37 +84,64 @@ class PreparedExport:
 def prepare_export(model, arch: str, dtype=torch.bfloat16, hf_config_overrides: Optional[dict] = None, check_hf_keys: bool = True) -> PreparedExport:
     """Unwrap, plan and validate.  Raises before anything is written if the model does not
     fit ``arch``.  Collective only when ``check_hf_keys`` (a small gather of names)."""
-    rule = get_rule(arch)
-    dtype = resolve_dtype(dtype)
-    chunks = unwrap_model(model)
-    layout = parallel.current_layout()
-    plan = build_plan(chunks, rule, layout)
-    quant_algo = _quant_algo(plan)
+    # Planning can fail on some ranks only (one stage's layers, one EP rank's experts): agree
+    # before the first collective, so that every rank raises and none waits for the others.
+    error = None
+    try:
+        rule = get_rule(arch)
+        dtype = resolve_dtype(dtype)
+        chunks = unwrap_model(model)
+        layout = parallel.current_layout()
+        plan = build_plan(chunks, rule, layout)
+    except Exception as e:
+        error = e
+    parallel.raise_if_any_failed(error)
+    parallel.raise_if_any_failed(parallel.check_gathers_aligned(plan.jobs, layout, as_error=True))
+    quant_algo, quant_exclude = _quant_summary(plan)
     hf_config = build_hf_config(plan, dtype, hf_config_overrides)
     if check_hf_keys:
         _check_names(plan, hf_config)
-    return PreparedExport(plan, arch, dtype, hf_config, quant_algo)
+    return PreparedExport(plan, arch, dtype, hf_config, quant_algo, quant_exclude)
 
 
-def _quant_algo(plan: ExportPlan) -> Optional[str]:
-    """Read every quantizer once at planning time: errors (uncalibrated, unsupported format,
-    mixed formats) surface before anything is written."""
-    algos = set()
-    quant_jobs = [j for j in plan.jobs if j.quant_module is not None]
-    if not quant_jobs:
-        return None
-    from . import quant
+def _quant_summary(plan: ExportPlan) -> tuple[Optional[str], list[str]]:
+    """Read every quantizer once at planning time, so errors (uncalibrated, unsupported
+    format, mixed formats) surface before anything is written.  Returns the algorithm and
+    the HF modules exported unquantized (the rule's patterns plus every linear weight
+    without a quantizer), which readers must be told to skip."""
+    algos: set[str] = set()
+    plain: set[str] = set()
+    error = None  # a quantizer can be bad on some ranks only (an uncalibrated expert)
+    try:
+        for j in plan.jobs:
+            if not (j.owner and j.is_weight):
+                continue
+            spec = None
+            if j.quant_module is not None:
+                from . import quant  # lazy: only when quantizers exist
 
-    for j in quant_jobs:
-        spec = quant.read_quant_spec(j.quant_module, j.source, expert_index=j.quant_index)
-        if spec is not None:
-            algos.add(spec.algo)
-    algos_all = parallel.gather_objects(sorted(algos))
-    merged = sorted({a for r in (algos_all or [sorted(algos)]) for a in r})
-    merged = parallel.broadcast_object(merged)
-    if len(merged) > 1:
-        raise ValueError(f"mixed quantization formats {merged} in one model are not supported yet")
-    return merged[0] if merged else None
+                spec = quant.read_quant_spec(j.quant_module, j.source, expert_index=j.quant_index)
+            if spec is not None:
+                algos.add(spec.algo)
+            elif j.tensor.dim() == 2:
+                plain.update(t[: -len(".weight")] for t in j.targets)
+    except Exception as e:
+        error = e
+    parallel.raise_if_any_failed(error)
+    gathered = parallel.gather_objects((sorted(algos), sorted(plain))) or []
+    summary = None
+    if gathered:
+        all_algos = sorted({a for g in gathered for a in g[0]})
+        all_plain = sorted({m for g in gathered for m in g[1]})
+        summary = (all_algos, all_plain)
+    all_algos, all_plain = parallel.broadcast_object(summary)
+    if not all_algos:
+        return None, []
+    if len(all_algos) > 1:
+        raise ValueError(f"mixed quantization formats {all_algos} in one model are not supported yet")
+    patterns = list(plan.rule.quant_exclude)
+    exclude = patterns + [m for m in all_plain if not any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+    return all_algos[0], exclude
 
 
 def _check_names(plan: ExportPlan, hf_config: dict) -> None:
@@ -303,7 +332,7 @@ def _write_side_files(staging: Path, prepared: PreparedExport, tokenizer: Any) -
         from . import quant
         from .. import __version__
 
-        hf_quant, qcfg = quant.quant_config_files(prepared.quant_algo, list(prepared.plan.rule.quant_exclude), __version__)
+        hf_quant, qcfg = quant.quant_config_files(prepared.quant_algo, prepared.quant_exclude, __version__)
         (staging / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
         cfg["quantization_config"] = qcfg
     if tokenizer is not None:

@@ -24,18 +24,31 @@ def _quant_spec(job: Job, plan: ExportPlan):
 
     spec = quant.read_quant_spec(job.quant_module, job.source, expert_index=job.quant_index)
     if spec is not None and job.tp_dim is not None and job.group.size > 1:
+        # Per-tensor scales of a TP-split weight must be the same on every shard: use the max
+        # over the group (ModelOpt does not sync block-quantized amax across TP).  Row-parallel
+        # inputs are split too, so their input amax is reduced the same way.
         spec.weight_amax = max_over(spec.weight_amax, job.group)
+        if spec.input_amax is not None:
+            spec.input_amax = max_over(spec.input_amax, job.group)
     return spec
 
 
 def run_jobs(plan: ExportPlan, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     shape = attention_shape(plan.info.config)
+    failure: Optional[Exception] = None
     for job in plan.jobs:
         spec = _quant_spec(job, plan) if job.is_weight else None
         full = gather_to_owner(job.tensor, job.tp_dim, job.group, glu=job.glu)
-        if full is None or not job.owner:
+        if full is None or not job.owner or failure is not None:
             continue
-        yield from convert(job, full, spec, dtype, shape)
+        # A conversion error on the owner must not leave its group's peers waiting in the
+        # next gather: remember it, keep taking part in the gathers, raise at the end.
+        try:
+            yield from convert(job, full, spec, dtype, shape)
+        except Exception as e:
+            failure = e
+    if failure is not None:
+        raise failure
 
 
 def convert(job: Job, full: torch.Tensor, spec, dtype: torch.dtype, shape) -> Iterator[tuple[str, torch.Tensor]]:

@@ -65,6 +65,8 @@ class TEGroupedMLPStandIn(torch.nn.Module):
             b2 = [e.linear_fc2.bias for e in seq_experts.local_experts]
         self.linear_fc1 = GroupedLinearStandIn(fc1, b1)
         self.linear_fc2 = GroupedLinearStandIn(fc2, b2)
+        for name in ("linear_fc1", "linear_fc2"):
+            _carry_quantizers([getattr(e, name) for e in seq_experts.local_experts], getattr(self, name))
         self.activation_func = seq_experts.local_experts[0].activation_func
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
@@ -77,6 +79,20 @@ class TEGroupedMLPStandIn(torch.nn.Module):
             h = self.config.activation_func(h)
         h = (h * permuted_probs.unsqueeze(-1)).to(h.dtype)
         return self.linear_fc2(h, splits), None
+
+
+def _carry_quantizers(expert_linears: list, grouped: torch.nn.Module) -> None:
+    """Give the stand-in the quantizer layout ModelOpt gives a TE ``GroupedLinear``: one
+    ``GroupedQuantizer`` (a ModuleList, ``weight_quantizer.{i}``) holding each expert's own
+    calibrated weight quantizer, and one shared ``input_quantizer``."""
+    if not hasattr(expert_linears[0], "weight_quantizer"):
+        return
+    import copy
+
+    from modelopt.torch.quantization.nn import GroupedQuantizer
+
+    grouped.weight_quantizer = GroupedQuantizer(*(copy.deepcopy(lin.weight_quantizer) for lin in expert_linears))
+    grouped.input_quantizer = copy.deepcopy(expert_linears[0].input_quantizer)
 
 
 def to_te_grouped(model) -> None:
