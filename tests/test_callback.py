@@ -1,0 +1,440 @@
+"""HFExportCallback driven by real Lightning trainers on CPU (tiny Megatron-Core Qwen3-MoE).
+
+Covers: names beside Lightning checkpoints, loading in transformers with matching logits,
+no staging left, `latest` and retention, templates, resume (done steps skipped, an
+unfinished export redone), exceptions mid-training, fail_on_error both ways, on_busy,
+async == sync byte for byte, validation at setup, stale staging cleanup.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from conftest import hf_logits, load_hf, tokens_for  # noqa: E402
+from nemo_export_hooks import publish as P  # noqa: E402
+from nemo_export_hooks.callback import HFExportCallback, _SaveHook, callbacks_from_cfg  # noqa: E402
+from nemo_export_hooks.config import ExportConfig  # noqa: E402
+from nemo_export_hooks.exporter import api as api_mod  # noqa: E402
+from nemo_export_hooks.exporter import writer as writer_mod  # noqa: E402
+from nemo_export_hooks.testing.cpu import TinySpec, megatron_logits  # noqa: E402
+from nemo_export_hooks.testing.lightning import InjectedFailure, TinyMegatronLM  # noqa: E402
+
+ARCH = "qwen3_moe"
+
+
+def module(**kw):
+    kw.setdefault("seq_len", 16)
+    kw.setdefault("batch_size", 2)
+    return TinyMegatronLM(**kw)
+
+
+def trainer(tmp_path, callbacks, max_steps=4, logger=False, **kw):
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=callbacks,
+        **kw,
+    )
+
+
+def ckpt_cb(d, every=2, **kw):
+    kw.setdefault("save_top_k", -1)
+    return ModelCheckpoint(dirpath=str(d), every_n_train_steps=every, **kw)
+
+
+def hidden(d: Path) -> list[str]:
+    """Staging/trash leftovers (hidden directories) anywhere under d."""
+    return [str(p) for p in Path(d).rglob(".*") if p.is_dir()]
+
+
+def manifest(p) -> dict:
+    return json.loads((Path(p) / P.MANIFEST_NAME).read_text())
+
+
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Make every background write take at least `delay` seconds (set the attribute)."""
+    import time
+
+    state = {"delay": 0.0}
+    orig = api_mod.write_prepared
+
+    def slow(*a, **k):
+        time.sleep(state["delay"])
+        return orig(*a, **k)
+
+    monkeypatch.setattr(api_mod, "write_prepared", slow)
+    return state
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Fail ShardWriter.add with ENOSPC for the next `n` exports (set state['n'])."""
+    state = {"n": 0, "hits": 0}
+    orig = writer_mod.ShardWriter.add
+
+    def add(self, name, t):
+        if state["n"] > 0 and self.total_bytes > 0:  # after a first tensor: a partial shard exists
+            state["n"] -= 1
+            state["hits"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return orig(self, name, t)
+
+    monkeypatch.setattr(writer_mod.ShardWriter, "add", add)
+    return state
+
+
+# -- the main path ------------------------------------------------------------------------
+def test_exports_beside_lightning_checkpoints_load_in_transformers(mcore, tmp_path):
+    ck_dir = tmp_path / "checkpoints"
+    cb = HFExportCallback(arch=ARCH, dtype="float32")
+    m = module()
+    t = trainer(tmp_path, [cb, ckpt_cb(ck_dir, every=2)], max_steps=4, logger=CSVLogger(str(tmp_path), name="logs"))
+    original_save = t.save_checkpoint
+    t.fit(m)
+
+    names = sorted(p.name for p in ck_dir.iterdir())
+    assert names == ["epoch=0-step=2-hf", "epoch=0-step=2.ckpt", "epoch=0-step=4-hf", "epoch=0-step=4.ckpt", "latest", "latest.txt"]
+    assert hidden(tmp_path) == []
+    assert os.readlink(ck_dir / "latest") == "epoch=0-step=4-hf"
+    for step in (2, 4):
+        d = ck_dir / f"epoch=0-step={step}-hf"
+        assert P.verify_export(d) == []
+        mf = manifest(d)
+        assert mf["step"] == step and mf["epoch"] == 0 and mf["trigger"] == "checkpoint"
+        assert mf["checkpoint"] == str(ck_dir / f"epoch=0-step={step}.ckpt")
+        assert mf["consumed_samples"] == step * 2
+        assert mf["hf_export_config"]["arch"] == ARCH and mf["producer"]["name"] == "nemo-export-hooks"
+    assert [e["step"] for e in cb.exports] == [2, 4]
+    assert all(e["blocking_seconds"] <= e["seconds"] for e in cb.exports)
+
+    # the newest export is the trained model: transformers computes the same logits
+    hf, info = load_hf(ck_dir / "latest")
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    tokens = tokens_for(m.spec.vocab_size)
+    diff = (hf_logits(hf, tokens) - megatron_logits(m.module, tokens)).abs().max().item()
+    assert diff < 1e-4
+
+    # metrics went to the trainer's logger
+    text = (Path(t.logger.log_dir) / "metrics.csv").read_text()
+    assert "hf_export/gb_per_s" in text.splitlines()[0] and "hf_export/seconds" in text
+    # the save_checkpoint wrapper is gone after fit
+    assert "save_checkpoint" not in vars(t) and not hasattr(t, "_nemo_export_hooks_save_hook")
+    assert t.save_checkpoint == original_save
+
+
+def test_every_n_steps_template_retention_and_latest(mcore, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "hf-0000").mkdir()  # a directory that is not ours: retention must not touch it
+    cb = HFExportCallback(arch=ARCH, dtype="bfloat16", on_checkpoint_save=False, every_n_train_steps=1,
+                          dirpath=str(out), filename="hf-{step:04d}", keep_last_k=2, on_busy="wait")
+    trainer(tmp_path, [cb], max_steps=4).fit(module())
+    assert [e["step"] for e in cb.exports] == [1, 2, 3, 4]
+    assert sorted(p.name for p in out.iterdir()) == ["hf-0000", "hf-0003", "hf-0004", "latest", "latest.txt"]
+    assert (out / "latest.txt").read_text() == "hf-0004\n"
+    assert manifest(out / "latest")["step"] == 4 and manifest(out / "hf-0004")["trigger"] == "every_n_train_steps"
+    assert cb.state_dict()["owned"] == [str(out / "hf-0003"), str(out / "hf-0004")]
+    assert hidden(tmp_path) == []
+
+
+def test_step_trigger_coinciding_with_a_checkpoint_is_named_after_it(mcore, tmp_path):
+    ck = tmp_path / "ck"
+    cb = HFExportCallback(arch=ARCH, every_n_train_steps=2, on_checkpoint_save=True, on_busy="wait")
+    trainer(tmp_path, [cb, ckpt_cb(ck, every=3)], max_steps=6).fit(module())
+    names = sorted(p.name for p in ck.iterdir() if p.name.endswith("-hf"))
+    assert names == ["epoch=0-step=3-hf", "epoch=0-step=6-hf", "step=2-hf", "step=4-hf"]
+    assert [e["step"] for e in cb.exports] == [2, 3, 4, 6]
+    assert manifest(ck / "epoch=0-step=6-hf")["trigger"] == "checkpoint"
+
+
+def test_async_and_sync_write_identical_files(mcore, tmp_path):
+    a, s = tmp_path / "async", tmp_path / "sync"
+    cbs = [
+        HFExportCallback(arch=ARCH, dtype="bfloat16", async_write=True, dirpath=str(a), on_busy="wait",
+                         on_checkpoint_save=False, every_n_train_steps=2, max_shard_size="100KB"),
+        HFExportCallback(arch=ARCH, dtype="bfloat16", async_write=False, dirpath=str(s),
+                         on_checkpoint_save=False, every_n_train_steps=2, max_shard_size="100KB"),
+    ]
+    trainer(tmp_path, cbs, max_steps=4).fit(module())
+    for step in (2, 4):
+        da, ds = a / f"step={step}", s / f"step={step}"
+        files = sorted(p.name for p in da.iterdir())
+        assert files == sorted(p.name for p in ds.iterdir())
+        assert sum(f.endswith(".safetensors") for f in files) > 1
+        for f in files:
+            if f != P.MANIFEST_NAME:
+                assert (da / f).read_bytes() == (ds / f).read_bytes(), f
+        assert manifest(da)["files"] == manifest(ds)["files"]
+    # and the two steps really differ (training moved the weights)
+    assert manifest(a / "step=2")["files"] != manifest(a / "step=4")["files"]
+
+
+# -- resume -------------------------------------------------------------------------------
+def test_resume_skips_steps_already_exported(mcore, tmp_path):
+    ck = tmp_path / "ck"
+    cb1 = HFExportCallback(arch=ARCH, keep_last_k=5)
+    trainer(tmp_path, [cb1, ckpt_cb(ck, every=2)], max_steps=4).fit(module())
+    assert [e["step"] for e in cb1.exports] == [2, 4]
+    mtime = (ck / "epoch=0-step=4-hf" / P.MANIFEST_NAME).stat().st_mtime_ns
+
+    saved = torch.load(ck / "epoch=0-step=4.ckpt", weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if k.startswith("HFExportCallback"))
+    assert state["exported_steps"] == [2] and [r["step"] for r in state["pending"]] == [4]
+
+    cb2 = HFExportCallback(arch=ARCH, keep_last_k=5, at_train_end=True)
+    t2 = trainer(tmp_path, [cb2, ckpt_cb(ck, every=2)], max_steps=6)
+    t2.fit(module(), ckpt_path=str(ck / "epoch=0-step=4.ckpt"))
+    assert [e["step"] for e in cb2.exports] == [6]
+    assert (ck / "epoch=0-step=4-hf" / P.MANIFEST_NAME).stat().st_mtime_ns == mtime
+    assert cb2.state_dict()["exported_steps"] == [2, 4, 6]
+    assert cb2.state_dict()["owned"] == [str(ck / f"epoch=0-step={s}-hf") for s in (2, 4, 6)]
+
+
+def test_resume_redoes_an_export_that_never_finished(mcore, tmp_path, disk_full, caplog):
+    ck = tmp_path / "ck"
+    disk_full["n"] = 1
+    cb1 = HFExportCallback(arch=ARCH)
+    trainer(tmp_path, [cb1, ckpt_cb(ck, every=2)], max_steps=2).fit(module())
+    assert cb1.failed == 1 and cb1.exports == [] and disk_full["hits"] == 1
+    assert not (ck / "epoch=0-step=2-hf").exists() and hidden(tmp_path) == []
+
+    cb2 = HFExportCallback(arch=ARCH)
+    with caplog.at_level(logging.INFO, logger="nemo_export_hooks"):
+        trainer(tmp_path, [cb2, ckpt_cb(ck, every=2)], max_steps=3).fit(module(), ckpt_path=str(ck / "epoch=0-step=2.ckpt"))
+    assert [(e["step"], e["trigger"]) for e in cb2.exports] == [(2, "resume")]
+    assert P.verify_export(ck / "epoch=0-step=2-hf") == [] and manifest(ck / "epoch=0-step=2-hf")["step"] == 2
+    assert "exporting it again from the restored weights" in caplog.text
+
+
+# -- failures -----------------------------------------------------------------------------
+def test_exception_mid_training_waits_and_leaves_no_partial_export(mcore, tmp_path, slow_writes):
+    slow_writes["delay"] = 0.8
+    out = tmp_path / "hf"
+    cb = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=2, dirpath=str(out))
+    t = trainer(tmp_path, [cb], max_steps=10)
+    with pytest.raises(InjectedFailure):
+        t.fit(module(fail_at_step=3))  # the step-2 export is in flight when step 3 raises
+    assert [e["step"] for e in cb.exports] == [2]  # on_exception waited for it: complete
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "latest.txt", "step=2"]
+    assert P.verify_export(out / "step=2") == []
+    assert hidden(tmp_path) == []
+    assert "save_checkpoint" not in vars(t)
+
+
+def test_exception_while_export_fails_publishes_nothing(mcore, tmp_path, disk_full, slow_writes):
+    slow_writes["delay"] = 0.5
+    disk_full["n"] = 1
+    out = tmp_path / "hf"
+    cb = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=2, dirpath=str(out), fail_on_error=True)
+    with pytest.raises(InjectedFailure):  # the training error wins; the export error is logged
+        trainer(tmp_path, [cb], max_steps=10).fit(module(fail_at_step=3))
+    assert cb.failed == 1 and cb.exports == []
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+    assert hidden(tmp_path) == []
+
+
+def test_fail_on_error_false_logs_cause_and_keeps_training(mcore, tmp_path, disk_full, caplog):
+    disk_full["n"] = 1
+    ck = tmp_path / "ck"
+    cb = HFExportCallback(arch=ARCH, on_busy="wait")
+    with caplog.at_level(logging.ERROR, logger="nemo_export_hooks"):
+        t = trainer(tmp_path, [cb, ckpt_cb(ck, every=2)], max_steps=4)
+        t.fit(module())
+    assert t.global_step == 4
+    assert cb.failed == 1 and [e["step"] for e in cb.exports] == [4]
+    assert not (ck / "epoch=0-step=2-hf").exists() and P.verify_export(ck / "epoch=0-step=4-hf") == []
+    assert hidden(tmp_path) == []
+    assert "HF export of step 2" in caplog.text and "No space left on device" in caplog.text
+    assert "training continues" in caplog.text
+    assert any(r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("async_write", [True, False], ids=["async", "sync"])
+def test_fail_on_error_true_raises_with_cause(mcore, tmp_path, disk_full, async_write):
+    disk_full["n"] = 1
+    ck = tmp_path / "ck"
+    cb = HFExportCallback(arch=ARCH, fail_on_error=True, async_write=async_write)
+    t = trainer(tmp_path, [cb, ckpt_cb(ck, every=2)], max_steps=6)
+    with pytest.raises(RuntimeError, match="HF export of step 2") as ei:
+        t.fit(module())
+    assert isinstance(ei.value.__cause__, OSError)
+    assert t.global_step < 6
+    assert not any(p.name.endswith("-hf") for p in ck.iterdir())
+    assert hidden(tmp_path) == []
+
+
+def test_on_busy_skip_warns_and_wait_waits(mcore, tmp_path, slow_writes, caplog):
+    slow_writes["delay"] = 0.6
+    skip = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=1, dirpath=str(tmp_path / "skip"))
+    with caplog.at_level(logging.WARNING, logger="nemo_export_hooks"):
+        trainer(tmp_path, [skip], max_steps=4).fit(module())
+    assert skip.skipped >= 1 and len(skip.exports) + skip.skipped == 4
+    assert "still being written" in caplog.text
+    wait = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=1, dirpath=str(tmp_path / "wait"), on_busy="wait")
+    trainer(tmp_path, [wait], max_steps=3).fit(module())
+    assert wait.skipped == 0 and [e["step"] for e in wait.exports] == [1, 2, 3]
+
+
+def test_at_train_end_exports_final_weights(mcore, tmp_path):
+    cb = HFExportCallback(arch=ARCH, on_checkpoint_save=False, at_train_end=True, placement="subdir")
+    trainer(tmp_path, [cb], max_steps=3).fit(module())
+    d = tmp_path / "checkpoints" / "hf" / "step=3"
+    assert [e["path"] for e in cb.exports] == [str(d)]
+    assert manifest(d)["trigger"] == "train_end" and P.verify_export(d) == []
+
+
+# -- validation at setup ------------------------------------------------------------------
+class _Counting(TinyMegatronLM):
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_model_that_does_not_fit_arch_fails_before_step_one(mcore, tmp_path):
+    _Counting.steps = 0
+    cb = HFExportCallback(arch="llama")  # a MoE model cannot be written as llama
+    with pytest.raises(ValueError):
+        trainer(tmp_path, [cb], max_steps=2).fit(_Counting(seq_len=16, batch_size=2))
+    assert _Counting.steps == 0
+
+
+def test_expect_quant_on_unquantized_model_fails_at_setup(mcore, tmp_path):
+    _Counting.steps = 0
+    with pytest.raises(ValueError, match="expect_quant"):
+        trainer(tmp_path, [HFExportCallback(arch=ARCH, expect_quant="FP8")], max_steps=2).fit(_Counting(seq_len=16, batch_size=2))
+    assert _Counting.steps == 0
+
+
+def test_unwritable_export_dir_fails_at_setup(mcore, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError):
+        trainer(tmp_path, [HFExportCallback(arch=ARCH, dirpath=str(blocker / "sub"))], max_steps=1).fit(module())
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == ro else real_access(p, m))
+    with pytest.raises(PermissionError, match="not writable"):
+        trainer(tmp_path, [HFExportCallback(arch=ARCH, dirpath=str(ro / "hf"))], max_steps=1).fit(module())
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(arch="gpt5"), "unknown arch"),
+        (dict(arch=None), "arch is required"),
+        (dict(dtype="int4"), "dtype"),
+        (dict(filename="../{step}"), "escapes"),
+        (dict(filename="/abs/{step}"), "absolute"),
+        (dict(filename="a/{step}"), "separator"),
+        (dict(filename="{step}-{loss}"), "allowed fields"),
+        (dict(filename=".hidden-{step}"), "hidden"),
+        (dict(filename="latest"), "reserved"),
+        (dict(on_busy="queue"), "on_busy"),
+        (dict(placement="inside"), "placement"),
+        (dict(keep_last_k=-1), "keep_last_k"),
+        (dict(every_n_train_steps=-5), "every_n_train_steps"),
+        (dict(max_shard_size="lots"), "max_shard_size"),
+        (dict(tokenizer="/no/such/tokenizer"), "tokenizer"),
+        (dict(expect_quant="int8"), "expect_quant"),
+    ],
+)
+def test_bad_config_rejected_at_construction(kw, match):
+    kw = {"arch": ARCH, **kw}
+    with pytest.raises(ValueError, match=match):
+        HFExportCallback(**kw)
+
+
+def test_stale_staging_of_a_crashed_run_is_cleaned_at_setup(mcore, tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    stale = ck / ".epoch=0-step=2-hf.staging-0123abcd"
+    (stale / "sub").mkdir(parents=True)
+    keep = ck / ".not-ours"
+    keep.mkdir()
+    cb = HFExportCallback(arch=ARCH)
+    trainer(tmp_path, [cb, ckpt_cb(ck, every=5)], max_steps=1).fit(module())
+    assert not stale.exists() and keep.exists()
+
+
+# -- small units --------------------------------------------------------------------------
+def test_state_dict_round_trip_and_state_key():
+    cb = HFExportCallback(arch=ARCH, dirpath="/x")
+    cb._done_steps = {3, 1}
+    cb._owned = ["/x/a", "/x/b"]
+    sd = cb.state_dict()
+    assert sd == {"version": 1, "exported_steps": [1, 3], "owned": ["/x/a", "/x/b"], "pending": []}
+    other = HFExportCallback(arch=ARCH, dirpath="/x")
+    other.load_state_dict(sd)
+    assert other._done_steps == {1, 3} and other._owned == ["/x/a", "/x/b"]
+    assert cb.state_key == other.state_key != HFExportCallback(arch=ARCH, dirpath="/y").state_key
+    other.load_state_dict({"version": 99})  # unknown format: ignored, not fatal
+    assert other._done_steps == {1, 3}
+
+
+def test_placement_auto_picks_subdir_for_nemo_checkpoint_callbacks(tmp_path):
+    NeMoLike = type("ModelCheckpoint", (ModelCheckpoint,), {"__module__": "nemo.lightning.pytorch.callbacks.model_checkpoint"})
+
+    class T:
+        checkpoint_callbacks = [NeMoLike(dirpath=str(tmp_path))]
+
+    cb = HFExportCallback(arch=ARCH)
+    assert cb._placement(T()) == "subdir"
+    assert cb._target(T(), 10, 0, str(tmp_path / "model--step=10.ckpt")) == tmp_path / "hf" / "model--step=10"
+    T.checkpoint_callbacks = [ModelCheckpoint(dirpath=str(tmp_path))]
+    assert cb._placement(T()) == "sibling"
+    assert cb._target(T(), 10, 0, str(tmp_path / "model--step=10")) == tmp_path / "model--step=10-hf"
+
+
+def test_save_hook_is_shared_and_restored():
+    class FakeTrainer:
+        def save_checkpoint(self, filepath, weights_only=False, storage_options=None):
+            self.saved = filepath
+
+    t = FakeTrainer()
+    a, b = HFExportCallback(arch=ARCH, dirpath="/a"), HFExportCallback(arch=ARCH, dirpath="/b")
+    _SaveHook.attach(t, a)
+    _SaveHook.attach(t, b)
+    wrapper = t.save_checkpoint
+    assert "save_checkpoint" in vars(t)
+    t.save_checkpoint("/x.ckpt")  # inactive callbacks: plain pass-through
+    assert t.saved == "/x.ckpt"
+    _SaveHook.detach(t, a)
+    assert t.save_checkpoint is wrapper
+    _SaveHook.detach(t, b)
+    assert "save_checkpoint" not in vars(t)
+
+
+def test_callbacks_from_cfg():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"trainer": {}, "hf_export": {"enabled": False, "arch": ARCH}})
+    assert callbacks_from_cfg(cfg) == []
+    cfg.hf_export.enabled = True
+    (cb,) = callbacks_from_cfg(cfg)
+    assert isinstance(cb, HFExportCallback) and cb.config.arch == ARCH
+    (cb,) = callbacks_from_cfg(ExportConfig(arch=ARCH, keep_last_k=2))
+    assert cb.config.keep_last_k == 2
+    with pytest.raises(ValueError, match="unknown arch"):
+        callbacks_from_cfg({"hf_export": {"enabled": True, "arch": "nope"}})
