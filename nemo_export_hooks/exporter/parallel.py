@@ -118,6 +118,10 @@ def gather_to_owner(tensor: torch.Tensor, dim: Optional[int], group: Group, glu:
     ``dim=None`` means the tensor is replicated in the group (rank 0's copy is taken).
     ``glu=True``: each rank holds ``[gate_shard; up_shard]`` along dim 0, so the shards are
     split before concatenating, giving the single-rank layout ``[gate; up]``.
+
+    Only the owner allocates: one buffer of the full tensor, which the shards are received
+    into in place (``dist.gather``; the other ranks only send).  Splits along dim 0 (QKV,
+    fc1, vocab) need no further copy; other dims are re-laid out once.
     """
     local = tensor.detach()
     if group.size == 1:
@@ -125,21 +129,42 @@ def gather_to_owner(tensor: torch.Tensor, dim: Optional[int], group: Group, glu:
     if dim is None:
         return local if group.rank == 0 else None
     dist = _dist()
-    local = local.contiguous()
-    if local.device.type == "cuda" or dist.get_backend(group.group) != "gloo":
-        parts = [torch.empty_like(local) for _ in range(group.size)]
-        dist.all_gather(parts, local, group=group.group)
-        if group.rank != 0:
-            return None
-    else:
-        parts = [torch.empty_like(local) for _ in range(group.size)] if group.rank == 0 else None
-        dist.gather(local, parts, dst=dist.get_global_rank(group.group, 0), group=group.group)
-        if group.rank != 0:
-            return None
+    if local.device.type != "cpu" and dist.get_backend(group.group) == "gloo":
+        local = local.cpu()  # gloo gathers host tensors only
+    dim = dim % local.dim()
+    owner = group.rank == 0
+    n = group.size
+    full_shape = list(local.shape)
+    full_shape[dim] *= n
+    if dim != 0:
+        if glu:
+            raise ValueError(f"a gated fc1 must be split along dim 0, not dim {dim}")
+        # shards received in place as [n, *local], then the group axis is moved next to
+        # `dim` and merged with it (one copy): full[..., r*d + j, ...] = shard_r[..., j, ...]
+        stacked = torch.empty((n, *local.shape), dtype=local.dtype, device=local.device) if owner else None
+        _gather_into(local, stacked, group)
+        return stacked.movedim(0, dim).reshape(full_shape) if owner else None
+    out = torch.empty(full_shape, dtype=local.dtype, device=local.device) if owner else None
     if glu:
-        halves = [p.chunk(2, dim=0) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(parts, dim=dim)
+        rows = local.shape[0]
+        if rows % 2:
+            raise ValueError(f"gated fc1 shard has an odd number of rows ({rows}); cannot split gate/up")
+        half = rows // 2
+        # gate shards land in the first half of the full tensor, up shards in the second
+        for h, piece in enumerate(local.split(half, dim=0)):
+            _gather_into(piece, out.narrow(0, h * half * n, half * n) if owner else None, group)
+    else:
+        _gather_into(local, out, group)
+    return out
+
+
+def _gather_into(piece: torch.Tensor, out: Optional[torch.Tensor], group: Group) -> None:
+    """``dist.gather`` of every rank's equal-shaped ``piece`` into ``out`` (owner only, a
+    contiguous buffer of ``group.size`` pieces, received in place in rank order)."""
+    dist = _dist()
+    piece = piece.contiguous()
+    parts = list(out.view(group.size, *piece.shape).unbind(0)) if out is not None else None
+    dist.gather(piece, parts, dst=dist.get_global_rank(group.group, 0), group=group.group)
 
 
 def max_over(value: torch.Tensor, group: Group) -> torch.Tensor:
@@ -157,18 +182,90 @@ def _world(group) -> int:
     return 1 if dist is None else dist.get_world_size(group)
 
 
+def _device(group: Any = None) -> str:
+    """Where a collective's tensors must live: NCCL-only groups need CUDA tensors."""
+    dist = _dist()
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+
+
+_MAX_MESSAGE = 1000  # characters of one rank's error message sent to the others
+
+
 def all_ok(ok: bool, message: str = "", group: Any = None) -> None:
     """Collective error check: if any rank failed, every rank raises (no rank hangs).
+
+    Every rank calls it once, ``ok=False`` with a ``message`` where it failed.  A failed
+    rank returns (it raises its own error afterwards); every other rank raises a
+    ``RuntimeError`` carrying the failed ranks' messages.  One integer all-reduce when all
+    is well; only after a failure are the (short) messages exchanged.
 
     ``group`` lets a background writer use its own (gloo) group, so its metadata
     collectives never interleave with the training loop's on the default group."""
     dist = _dist()
     if _world(group) == 1:
         return
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if flag.item() and ok:
-        raise RuntimeError(f"export failed on another rank{': ' + message if message else ''}")
+    if not flag.item():
+        return
+    reports: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, None if ok else (message or "failed")[:_MAX_MESSAGE], group=group)
+    if ok:
+        failed = "; ".join(m for m in reports if m is not None)
+        raise RuntimeError(f"export failed on another rank: {failed}")
+
+
+def raise_if_any_failed(error: Optional[BaseException], group: Any = None) -> None:
+    """Collective: every rank passes its own exception (or ``None``).  If any rank failed,
+    every rank raises: a failed rank its own exception, the others a ``RuntimeError``
+    naming the failed ranks and why.  Use it after every step that can fail on some ranks
+    only (planning, a rank's own writes) and before the next collective."""
+    dist = _dist()
+    if _world(group) == 1:
+        if error is not None:
+            raise error
+        return
+    message = None if error is None else f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
+    all_ok(error is None, message or "", group=group)
+    if error is not None:
+        raise error
+
+
+def check_gathers_aligned(jobs: list, layout: "ParallelLayout", as_error: bool = False) -> Any:
+    """Collective inside each tensor / expert-tensor parallel group: its ranks must run the
+    same gathers in the same order (same tensors, shapes, dtypes, quantization), or one
+    would wait for the others forever.  Returns a description of the mismatch on every
+    rank of a mismatched group (a ``ValueError`` with ``as_error``), else ``None``.
+    ``jobs`` are duck-typed plan jobs."""
+    import hashlib
+
+    dist = _dist()
+    problems = []
+    for label, g in (("tensor", layout.tp), ("expert-tensor", layout.etp)):
+        if g.size == 1:
+            continue
+        h = hashlib.sha1()
+        count = 0
+        for j in jobs:
+            if j.group is not g or j.tp_dim is None:
+                continue
+            t = j.tensor
+            sig = (j.source, j.tp_dim, tuple(t.shape), str(t.dtype), bool(j.glu), j.quant_module is not None)
+            h.update(repr(sig).encode())
+            count += 1
+        mine = (count, h.hexdigest())
+        peers: list = [None] * g.size
+        dist.all_gather_object(peers, mine, group=g.group)
+        if any(p != mine for p in peers):
+            ranks = dist.get_process_group_ranks(g.group)
+            detail = ", ".join(f"rank {r}: {c} gathers" for r, (c, _) in zip(ranks, peers))
+            problems.append(
+                f"the ranks of a {label}-parallel group hold different models ({detail}; same count "
+                "means different names, shapes or quantization): their gathers would not line up"
+            )
+    if not problems:
+        return None
+    return ValueError("; ".join(problems)) if as_error else "; ".join(problems)
 
 
 def barrier(group: Any = None) -> None:

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import mappings as mk
-from .experts import iter_experts
+from .experts import _num_local_experts, detect_layout, iter_experts
 from .parallel import Group, ParallelLayout
 from .rules.base import IGNORED_SUFFIXES, ArchMismatchError, ArchRule, Entry, ModelInfo
 from .source import LayerRef, iter_layers, model_attrs, named_tensors
@@ -155,10 +155,9 @@ def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
 def _plan_experts(plan: ExportPlan, ref: LayerRef, experts, prefix: str, gated: bool) -> None:
     rule, layout = plan.rule, plan.layout
     names = rule.expert_names
-    n_local = getattr(experts, "num_local_experts", None)
-    views = list(iter_experts(experts, ref.index, 0, "mlp.experts"))
-    n_local = len(views) if n_local is None else int(n_local)
-    offset = layout.ep.rank * n_local
+    # EP rank r holds global experts r*n .. r*n+n-1 (errors name the global id too)
+    offset = layout.ep.rank * _num_local_experts(experts, detect_layout(experts))
+    views = list(iter_experts(experts, ref.index, offset, "mlp.experts"))
     for v in views:
         g = offset + v.local_index
         if gated:
