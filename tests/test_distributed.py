@@ -38,13 +38,13 @@ pytestmark = pytest.mark.dist
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 WS2 = ["tp2", "ep2", "ep2_te_grouped", "pp2", "pp2_vpp2", "tp2_dense_tied", "pp2_dense_tied"]
-WS4 = ["tp2_ep2", "ep4", "tp2_ep2_etp1", "ep2_etp2", "ep2_pp2_legacy_grouped", "tp2_pp2_llama"]
+WS4 = ["tp2_ep2", "ep4", "tp2_ep2_etp1", "ep2_etp2", "tp2_ep2_te_grouped", "tp2_ep2_legacy_grouped", "ep2_pp2_legacy_grouped", "tp2_pp2_llama"]
 FAILURE_CASES = ["writer_fails_on_rank1", "plan_fails_on_rank1", "convert_fails_on_owner", "unwritable_parent", "tp_peers_differ", "export_after_failures"]
 LAUNCH_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT_S = 60  # gloo timeout inside the programs: a hung collective errors out
 
 
-def torchrun(nproc: int, args: list[str], log: Path, timeout: int = LAUNCH_TIMEOUT_S) -> tuple[int, str]:
+def torchrun(nproc: int, args: list[str], log: Path, timeout: int = LAUNCH_TIMEOUT_S, program: str = "run_layouts.py") -> tuple[int, str]:
     """Run ``torchrun`` in its own session; on timeout kill that whole process group."""
     env = dict(os.environ)
     env.update(
@@ -55,7 +55,7 @@ def torchrun(nproc: int, args: list[str], log: Path, timeout: int = LAUNCH_TIMEO
         TOKENIZERS_PARALLELISM="false",
         PYTHONWARNINGS="ignore",
     )
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", str(DIST / "run_layouts.py"), *args]
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", str(DIST / program), *args]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -153,6 +153,24 @@ def test_one_rank_fails_every_rank_raises(ws2, case):
     res = _result(ws2, "failures")
     assert case in res, sorted(res)
     assert not res[case]["problems"], res[case]
+
+
+def test_shard_names_stable_across_runs(ws2):
+    """The same layout exported twice (before and after the failure cases) maps every key
+    to the same shard file."""
+    a = json.loads((ws2["out"] / "tp2" / "model.safetensors.index.json").read_text())["weight_map"]
+    b = json.loads((ws2["out"] / "failures" / "after" / "tp2" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert a == b
+
+
+def test_collectives_gloo(tmp_path):
+    """parallel.py's gathers (dims 0/1, 3-D, gated, bf16/fp16, non-contiguous shards) and
+    error agreement on their own; the same program runs on NCCL on a 2-GPU machine."""
+    rc, log = torchrun(2, ["--backend", "gloo"], tmp_path / "collectives.log", timeout=120, program="collectives.py")
+    line = [l for l in log.splitlines() if l.startswith("{")]
+    assert rc == 0 and line, log[-4000:]
+    res = json.loads(line[-1])
+    assert res["ok"], res["problems"]
 
 
 def test_launches_exit_cleanly(ws2, ws4):

@@ -8,7 +8,15 @@ Who writes what:
 * Expert tensors: each EP rank owns its own experts (no gather); the owner inside an
   expert-tensor-parallel group is its rank 0, of expert-data-parallel rank 0.
 * TP (and expert-TP) shards are gathered to the owner inside their own group only, one
-  tensor at a time, so no rank ever holds more than its shard plus one full tensor.
+  tensor at a time, straight into one buffer on the owner (the other ranks only send), so
+  no rank ever holds more than its shard plus one full tensor.
+
+Failures: a collective export must never leave one rank waiting for another that gave up.
+Every step that can fail on some ranks only ends in an agreement (:func:`all_ok`,
+:func:`raise_if_any_failed`) before the next collective, so if one rank fails every rank
+raises, naming the rank and its error; :func:`check_gathers_aligned` refuses, before the
+first gather, TP peers whose gathers would not line up.  Only small metadata (names, key
+maps, error messages) travels through the ``*_object`` collectives; tensors never do.
 """
 
 from __future__ import annotations

@@ -405,6 +405,8 @@ LAYOUTS: dict[str, Layout] = {
         Layout("tp2_ep2_etp1", tp=2, ep=2, etp=1, world=4),
         Layout("ep2_etp2", ep=2, etp=2, world=4),
         Layout("ep2_pp2_legacy_grouped", ep=2, pp=2, experts="legacy_grouped", world=4),
+        Layout("tp2_ep2_legacy_grouped", tp=2, ep=2, experts="legacy_grouped", world=4),
+        Layout("tp2_ep2_te_grouped", tp=2, ep=2, experts="te_grouped", world=4),
         Layout("tp2_pp2_llama", model="llama", tp=2, pp=2, world=4),
     ]
 }

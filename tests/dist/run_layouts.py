@@ -88,6 +88,14 @@ def compare_with_reference(out: Path, ref: Path) -> list[str]:
             want = f.get_tensor(key)
         if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
             problems.append(f"{key}: differs from the world-size-1 export ({got.dtype} {tuple(got.shape)} vs {want.dtype} {tuple(want.shape)})")
+    # shard files: the names transformers writes, every one used, no rank's part left over
+    files = sorted(set(idx.values()))
+    n = len(files)
+    if files != [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]:
+        problems.append(f"shard names {files[:3]}... are not model-0000k-of-{n:05d}.safetensors")
+    on_disk = sorted(p.name for p in out.glob("*.safetensors"))
+    if on_disk != files:
+        problems.append(f"safetensors files on disk {on_disk} differ from the index's {files}")
     cfg = json.loads((out / "config.json").read_text())
     ref_cfg = json.loads((ref / "hf" / "config.json").read_text())
     if cfg != ref_cfg:
