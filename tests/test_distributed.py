@@ -11,8 +11,9 @@ exports the same weights under each parallel layout and rank 0 checks, per layou
 * no rank's exporter ever held more than its own shard plus one max-shard buffer (counted
   allocation by allocation), a bound a full-model gather provably breaks;
 * error propagation (world size 2): one rank fails while planning, writing or converting,
-  or the parent directory is unusable, or TP peers hold different models -> every rank
-  raises, nothing is published, and a later export on the same process groups succeeds.
+  rank 0 alone fails the HF key check, the parent directory is unusable, or TP peers hold
+  different models -> every rank raises, nothing is published, and a later export on the
+  same process groups succeeds.
 
 Every launch runs under a timeout in its own process group, so a hung collective fails
 the test instead of hanging CI.
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.dist
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 WS2 = ["tp2", "ep2", "ep2_te_grouped", "pp2", "pp2_vpp2", "tp2_dense_tied", "pp2_dense_tied"]
 WS4 = ["tp2_ep2", "ep4", "tp2_ep2_etp1", "ep2_etp2", "tp2_ep2_te_grouped", "tp2_ep2_legacy_grouped", "ep2_pp2_legacy_grouped", "tp2_pp2_llama"]
-FAILURE_CASES = ["writer_fails_on_rank1", "plan_fails_on_rank1", "convert_fails_on_owner", "unwritable_parent", "tp_peers_differ", "export_after_failures"]
+FAILURE_CASES = ["writer_fails_on_rank1", "plan_fails_on_rank1", "convert_fails_on_owner", "unwritable_parent", "tp_peers_differ", "key_check_fails_on_rank0", "export_after_failures"]
 LAUNCH_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT_S = 60  # gloo timeout inside the programs: a hung collective errors out
 

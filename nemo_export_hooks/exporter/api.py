@@ -158,7 +158,11 @@ def _check_names(plan: ExportPlan, hf_config: dict) -> None:
                 if n in ours:
                     dup.add(n)
                 ours.add(n)
-        expected = expected_hf_keys(hf_config)
+        try:
+            expected = expected_hf_keys(hf_config)
+        except Exception as e:  # reported to every rank below: raising here would strand them
+            expected = None
+            problem = f"cannot list the HF keys of {hf_config.get('architectures')}: {type(e).__name__}: {e}"
         if dup:
             problem = f"several tensors map to the same HF names: {sorted(dup)[:5]}"
         elif expected is not None:

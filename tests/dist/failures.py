@@ -148,7 +148,21 @@ def run_all(ref_root: Path, out_root: Path) -> dict:
     outcome = _attempt(lambda: export(chunks, "tp_peers_differ"))
     record("tp_peers_differ", outcome, {"*": "ValueError"}, {"*": ["hold different models"]}, root / "tp_peers_differ")
 
-    # 6. afterwards the same process groups still work: a normal export succeeds and is right
+    # 6. rank 0 alone cannot list the HF key set (it alone builds the HF class): the others
+    #    wait for its verdict, so the error must reach them instead of stranding them
+    chunks = _model(ep2, ref_root)
+
+    def broken_keys(cfg):
+        raise ImportError("injected: this transformers has no such model class")
+
+    from nemo_export_hooks.exporter import api
+
+    with patched(api, "expected_hf_keys", broken_keys, when=rank == 0):
+        outcome = _attempt(lambda: export(chunks, "key_check_fails_on_rank0"))
+    record("key_check_fails_on_rank0", outcome, {"*": "ValueError"}, {"*": ["cannot list the HF keys", "injected"]},
+           root / "key_check_fails_on_rank0")
+
+    # 7. afterwards the same process groups still work: a normal export succeeds and is right
     try:
         import run_layouts
 
