@@ -71,6 +71,9 @@ def torchrun(nproc: int, args: list[str], log: Path, timeout: int = LAUNCH_TIMEO
 
 @pytest.fixture(scope="module")
 def reference(mcore, tmp_path_factory):
+    from nemo_export_hooks.testing.cpu import init_single_process
+
+    init_single_process()  # world size 1, whatever an earlier test left behind
     root = tmp_path_factory.mktemp("ref")
     for key in C.SPECS:
         C.make_reference(key, root)
