@@ -69,20 +69,35 @@ def manifest(p) -> dict:
     return json.loads((Path(p) / P.MANIFEST_NAME).read_text())
 
 
-@pytest.fixture
-def slow_writes(monkeypatch):
-    """Make every background write take at least `delay` seconds (set the attribute)."""
-    import time
+class Release(pl.Callback):
+    """Opens the write gate when training ends or fails (list it before the export callback)."""
 
-    state = {"delay": 0.0}
+    def __init__(self, gate):
+        self.gate = gate
+
+    def on_train_end(self, trainer, pl_module):
+        self.gate.set()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.gate.set()
+
+
+@pytest.fixture
+def gated_writes(monkeypatch):
+    """Background writes block until the gate opens: an export is deterministically still in
+    flight for as long as the test wants (``Release(gate)`` opens it at train end/exception)."""
+    import threading
+
+    gate = threading.Event()
     orig = api_mod.write_prepared
 
-    def slow(*a, **k):
-        time.sleep(state["delay"])
+    def gated(*a, **k):
+        if threading.current_thread() is not threading.main_thread():
+            assert gate.wait(60), "test gate never opened"
         return orig(*a, **k)
 
-    monkeypatch.setattr(api_mod, "write_prepared", slow)
-    return state
+    monkeypatch.setattr(api_mod, "write_prepared", gated)
+    return gate
 
 
 @pytest.fixture
@@ -105,7 +120,7 @@ def disk_full(monkeypatch):
 # -- the main path ------------------------------------------------------------------------
 def test_exports_beside_lightning_checkpoints_load_in_transformers(mcore, tmp_path):
     ck_dir = tmp_path / "checkpoints"
-    cb = HFExportCallback(arch=ARCH, dtype="float32")
+    cb = HFExportCallback(arch=ARCH, dtype="float32", on_busy="wait")  # wait: a loaded CI machine must not skip
     m = module()
     t = trainer(tmp_path, [cb, ckpt_cb(ck_dir, every=2)], max_steps=4, logger=CSVLogger(str(tmp_path), name="logs"))
     original_save = t.save_checkpoint
@@ -191,7 +206,7 @@ def test_async_and_sync_write_identical_files(mcore, tmp_path):
 # -- resume -------------------------------------------------------------------------------
 def test_resume_skips_steps_already_exported(mcore, tmp_path):
     ck = tmp_path / "ck"
-    cb1 = HFExportCallback(arch=ARCH, keep_last_k=5)
+    cb1 = HFExportCallback(arch=ARCH, keep_last_k=5, on_busy="wait")
     trainer(tmp_path, [cb1, ckpt_cb(ck, every=2)], max_steps=4).fit(module())
     assert [e["step"] for e in cb1.exports] == [2, 4]
     mtime = (ck / "epoch=0-step=4-hf" / P.MANIFEST_NAME).stat().st_mtime_ns
@@ -200,7 +215,7 @@ def test_resume_skips_steps_already_exported(mcore, tmp_path):
     state = next(v for k, v in saved.items() if k.startswith("HFExportCallback"))
     assert state["exported_steps"] == [2] and [r["step"] for r in state["pending"]] == [4]
 
-    cb2 = HFExportCallback(arch=ARCH, keep_last_k=5, at_train_end=True)
+    cb2 = HFExportCallback(arch=ARCH, keep_last_k=5, at_train_end=True, on_busy="wait")
     t2 = trainer(tmp_path, [cb2, ckpt_cb(ck, every=2)], max_steps=6)
     t2.fit(module(), ckpt_path=str(ck / "epoch=0-step=4.ckpt"))
     assert [e["step"] for e in cb2.exports] == [6]
@@ -226,27 +241,26 @@ def test_resume_redoes_an_export_that_never_finished(mcore, tmp_path, disk_full,
 
 
 # -- failures -----------------------------------------------------------------------------
-def test_exception_mid_training_waits_and_leaves_no_partial_export(mcore, tmp_path, slow_writes):
-    slow_writes["delay"] = 0.8
+def test_exception_mid_training_waits_and_leaves_no_partial_export(mcore, tmp_path, gated_writes):
     out = tmp_path / "hf"
     cb = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=2, dirpath=str(out))
-    t = trainer(tmp_path, [cb], max_steps=10)
+    t = trainer(tmp_path, [Release(gated_writes), cb], max_steps=10)
     with pytest.raises(InjectedFailure):
-        t.fit(module(fail_at_step=3))  # the step-2 export is in flight when step 3 raises
+        t.fit(module(fail_at_step=4))  # the step-2 export is still in flight when step 4 raises
     assert [e["step"] for e in cb.exports] == [2]  # on_exception waited for it: complete
+    assert cb.skipped == 1  # step 4 came while step 2 was being written
     assert sorted(p.name for p in out.iterdir()) == ["latest", "latest.txt", "step=2"]
     assert P.verify_export(out / "step=2") == []
     assert hidden(tmp_path) == []
     assert "save_checkpoint" not in vars(t)
 
 
-def test_exception_while_export_fails_publishes_nothing(mcore, tmp_path, disk_full, slow_writes):
-    slow_writes["delay"] = 0.5
+def test_exception_while_export_fails_publishes_nothing(mcore, tmp_path, disk_full, gated_writes):
     disk_full["n"] = 1
     out = tmp_path / "hf"
     cb = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=2, dirpath=str(out), fail_on_error=True)
     with pytest.raises(InjectedFailure):  # the training error wins; the export error is logged
-        trainer(tmp_path, [cb], max_steps=10).fit(module(fail_at_step=3))
+        trainer(tmp_path, [Release(gated_writes), cb], max_steps=10).fit(module(fail_at_step=3))
     assert cb.failed == 1 and cb.exports == []
     assert not out.exists() or [p.name for p in out.iterdir()] == []
     assert hidden(tmp_path) == []
@@ -282,13 +296,13 @@ def test_fail_on_error_true_raises_with_cause(mcore, tmp_path, disk_full, async_
     assert hidden(tmp_path) == []
 
 
-def test_on_busy_skip_warns_and_wait_waits(mcore, tmp_path, slow_writes, caplog):
-    slow_writes["delay"] = 0.6
+def test_on_busy_skip_warns_and_wait_waits(mcore, tmp_path, gated_writes, caplog):
     skip = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=1, dirpath=str(tmp_path / "skip"))
     with caplog.at_level(logging.WARNING, logger="nemo_export_hooks"):
-        trainer(tmp_path, [skip], max_steps=4).fit(module())
-    assert skip.skipped >= 1 and len(skip.exports) + skip.skipped == 4
-    assert "still being written" in caplog.text
+        trainer(tmp_path, [Release(gated_writes), skip], max_steps=4).fit(module())
+    assert [e["step"] for e in skip.exports] == [1] and skip.skipped == 3
+    assert "skipped the export of step 2: the export of step 1 is still being written" in caplog.text
+    gated_writes.set()
     wait = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=1, dirpath=str(tmp_path / "wait"), on_busy="wait")
     trainer(tmp_path, [wait], max_steps=3).fit(module())
     assert wait.skipped == 0 and [e["step"] for e in wait.exports] == [1, 2, 3]
