@@ -52,7 +52,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -208,7 +207,16 @@ class HFExportCallback(Callback):
         self._world = 1
         self._rank = 0
         self._last_trigger_step = -1
-        self._lock = threading.Lock()
+
+    _RUNTIME = ("_executor", "_write_group", "_ctl_group", "_inflight", "_pending_save")
+
+    def __getstate__(self) -> dict:
+        # NeMo's Trainer deep-copies its callbacks (IOMixin); threads, process groups and an
+        # export in flight belong to one run and are never copied.
+        state = dict(self.__dict__)
+        for k in self._RUNTIME:
+            state[k] = None
+        return state
 
     # -- identity / state -----------------------------------------------------------------
     @property
@@ -641,8 +649,8 @@ class HFExportCallback(Callback):
         if p != "auto":
             return p
         for cb in getattr(trainer, "checkpoint_callbacks", []) or []:
-            if type(cb).__module__.startswith("nemo."):
-                return "subdir"
+            if any(getattr(k, "__module__", "").startswith("nemo.") for k in type(cb).__mro__):
+                return "subdir"  # NeMo's ModelCheckpoint or a subclass of it
         return "sibling"
 
     def _default_ckpt_dir(self, trainer) -> Path:

@@ -144,6 +144,8 @@ class ExportConfig:
         else:
             data = _to_plain_dict(cfg)
         data.update(overrides)
+        # OmegaConf's MISSING ("???") means "not set"
+        data = {k: (None if isinstance(v, str) and v == "???" else v) for k, v in data.items()}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
