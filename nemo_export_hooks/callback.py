@@ -253,7 +253,8 @@ class HFExportCallback(Callback):
         cfg = self.config.validate()
         if not cfg.has_trigger:
             log.warning("hf_export is enabled but every trigger is off (on_checkpoint_save, every_n_train_steps, at_train_end): nothing will be exported")
-        self._tokenizer = cfg.tokenizer if cfg.tokenizer != "auto" else None
+        tok = cfg.tokenizer
+        self._tokenizer = None if tok == "auto" else (str(Path(tok).expanduser()) if isinstance(tok, (str, Path)) else tok)
         if cfg.dirpath is not None:
             _check_writable(Path(cfg.dirpath).expanduser())
         self._init_dist()
@@ -294,6 +295,9 @@ class HFExportCallback(Callback):
         if not self._active:
             return
         self._last_trigger_step = trainer.global_step
+        # Steps beyond the one training starts from belong to a discarded future (a fresh
+        # run with a reused callback, or a resume from an older checkpoint): export them anew.
+        self._done_steps = {s for s in self._done_steps if s <= trainer.global_step}
         if self._resume_pending:
             self._resolve_resumed(trainer)
 

@@ -452,3 +452,47 @@ def test_callbacks_from_cfg():
     assert cb.config.keep_last_k == 2
     with pytest.raises(ValueError, match="unknown arch"):
         callbacks_from_cfg({"hf_export": {"enabled": True, "arch": "nope"}})
+
+
+# -- several ranks (torchrun, gloo, CPU) --------------------------------------------------
+@pytest.mark.dist
+@pytest.mark.parametrize("extra", [["--fail-rank", "1", "--fail-exports", "1"], ["--sync"]], ids=["async-fail-on-rank1", "sync"])
+def test_two_ranks_data_parallel(tmp_path, extra):
+    """Lightning DDP on gloo, 2 ranks: the callback's gloo groups, agreement on finished
+    exports, background collectives; a failure on rank 1 fails that export on both ranks
+    (nothing published, training goes on), later exports succeed and match transformers."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "nemo_export_hooks.testing.lightning", "--out", str(tmp_path / "run"), *extra],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-5000:]
+    res = json.loads(lines[-1])
+    assert res["ok"], res
+    assert res["steps"] == ([4, 6] if "--fail-rank" in extra else [2, 4, 6])
+    assert res["failed"] == (1 if "--fail-rank" in extra else 0)
+    if "--fail-rank" in extra:
+        assert "export failed on another rank" in r.stderr and "injected on rank 1" in r.stderr
+
+
+def _free_port() -> int:
+    from nemo_export_hooks.testing.cpu import free_port
+
+    return free_port()
+
+
+def test_reused_callback_in_a_fresh_run_exports_again(mcore, tmp_path):
+    cb = HFExportCallback(arch=ARCH, on_checkpoint_save=False, every_n_train_steps=2, dirpath=str(tmp_path / "hf"), on_busy="wait")
+    trainer(tmp_path, [cb], max_steps=2).fit(module())
+    first = manifest(tmp_path / "hf" / "step=2")["files"]
+    trainer(tmp_path, [cb], max_steps=2).fit(module(seed=7))  # from step 0 again, other weights
+    assert [e["step"] for e in cb.exports] == [2, 2]
+    assert manifest(tmp_path / "hf" / "step=2")["files"] != first  # replaced by the second run's export
+    assert cb.state_dict()["owned"] == [str(tmp_path / "hf" / "step=2")]
