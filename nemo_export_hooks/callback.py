@@ -254,7 +254,10 @@ class HFExportCallback(Callback):
         if not cfg.has_trigger:
             log.warning("hf_export is enabled but every trigger is off (on_checkpoint_save, every_n_train_steps, at_train_end): nothing will be exported")
         tok = cfg.tokenizer
-        self._tokenizer = None if tok == "auto" else (str(Path(tok).expanduser()) if isinstance(tok, (str, Path)) else tok)
+        if isinstance(tok, (str, Path)):
+            self._tokenizer = None if str(tok) == "auto" else str(Path(tok).expanduser())
+        else:
+            self._tokenizer = tok
         if cfg.dirpath is not None:
             _check_writable(Path(cfg.dirpath).expanduser())
         self._init_dist()
@@ -272,7 +275,7 @@ class HFExportCallback(Callback):
         self._init_dist()
         if not self._model_ok:
             self._validate_model(trainer, pl_module, allow_defer=False)
-        if cfg.tokenizer == "auto":
+        if isinstance(cfg.tokenizer, str) and cfg.tokenizer == "auto":
             self._tokenizer = _find_tokenizer(trainer, pl_module)
             if self._tokenizer is None:
                 log.info("hf_export: tokenizer='auto' found no tokenizer with save_pretrained; exports will have none")

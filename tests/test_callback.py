@@ -496,3 +496,28 @@ def test_reused_callback_in_a_fresh_run_exports_again(mcore, tmp_path):
     assert [e["step"] for e in cb.exports] == [2, 2]
     assert manifest(tmp_path / "hf" / "step=2")["files"] != first  # replaced by the second run's export
     assert cb.state_dict()["owned"] == [str(tmp_path / "hf" / "step=2")]
+
+
+def _tiny_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab - 1)} | {"<unk>": vocab - 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_tokenizer_from_a_directory_and_from_the_model(mcore, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = _tiny_tokenizer(TinySpec().vocab_size)
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(str(tok_dir))
+    m = module()
+    m.tokenizer = tok  # what tokenizer="auto" looks for (NeMo models carry one too)
+    a = HFExportCallback(arch=ARCH, on_checkpoint_save=False, at_train_end=True, dirpath=str(tmp_path / "a"), tokenizer=str(tok_dir))
+    b = HFExportCallback(arch=ARCH, on_checkpoint_save=False, at_train_end=True, dirpath=str(tmp_path / "b"), tokenizer="auto")
+    trainer(tmp_path, [a, b], max_steps=1).fit(m)
+    for d in (tmp_path / "a" / "step=1", tmp_path / "b" / "step=1"):
+        assert (d / "tokenizer.json").is_file() and P.verify_export(d) == []
+        assert AutoTokenizer.from_pretrained(str(d))("t1 t2")["input_ids"] == [1, 2]
