@@ -18,9 +18,11 @@ Triggers
     A step is exported at most once.
 
 Async mechanism (``async_write=True``)
-    On the training thread, every rank plans the export (no collective), gathers its
-    tensor-parallel shards and copies what it owns to host memory
-    (``PreparedExport.host_snapshot``); the ranks agree that all snapshots worked; then a
+    On the training thread, every rank plans the export (cheap; a collective only for a
+    quantized model, whose formats are agreed on), takes part in the tensor-parallel gathers
+    and copies what it owns to host memory (``PreparedExport.host_snapshot``; the owner of a
+    TP group holds the gathered tensors of its share until they are written); the ranks
+    agree that all snapshots worked; then a
     single background thread per rank writes the shards, rank 0 commits and publishes the
     directory atomically, updates ``latest`` and applies ``keep_last_k``.  With several
     ranks the background writes talk over a gloo group of their own (created at setup), and
