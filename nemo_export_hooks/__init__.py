@@ -12,7 +12,7 @@ except Exception:  # pragma: no cover - not installed
 
 from .exporter.api import ExportResult, export_to_hf, prepare_export
 
-__all__ = ["export_to_hf", "prepare_export", "ExportResult", "HFExportCallback", "ExportConfig", "__version__"]
+__all__ = ["export_to_hf", "prepare_export", "ExportResult", "HFExportCallback", "ExportConfig", "callbacks_from_cfg", "__version__"]
 
 
 def __getattr__(name):
@@ -21,6 +21,10 @@ def __getattr__(name):
         from .callback import HFExportCallback
 
         return HFExportCallback
+    if name == "callbacks_from_cfg":
+        from .callback import callbacks_from_cfg
+
+        return callbacks_from_cfg
     if name == "ExportConfig":
         from .config import ExportConfig
 

@@ -470,6 +470,7 @@ class HFExportCallback(Callback):
                 manifest_extra=manifest,
                 t0=job.t0,
                 group=self._write_group,
+                log_level=logging.DEBUG,  # the callback logs its own line, with the step
             )
         except BaseException as e:  # noqa: BLE001 - reported on the training thread
             job.error = e

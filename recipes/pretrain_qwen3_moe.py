@@ -43,10 +43,11 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def model_config(cfg: DictConfig):
-    """``llm.Qwen3MoEConfig`` from ``cfg.model`` (any field of it may be set there)."""
-    from nemo.collections import llm
+    """NeMo's ``Qwen3MoEConfig`` from ``cfg.model`` (any field of it may be set there).
+    NeMo 2.7 does not re-export it from ``nemo.collections.llm``; it lives in its module."""
+    from nemo.collections.llm.gpt.model.qwen3 import Qwen3MoEConfig
 
-    return llm.Qwen3MoEConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    return Qwen3MoEConfig(**OmegaConf.to_container(cfg.model, resolve=True))
 
 
 def build_data(cfg: DictConfig):

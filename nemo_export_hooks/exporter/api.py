@@ -212,6 +212,7 @@ def write_prepared(
     manifest_extra: Optional[dict] = None,
     t0: Optional[float] = None,
     group: Any = None,
+    log_level: int = logging.INFO,
 ) -> ExportResult:
     """Stream ``tensors`` into shards, commit on rank 0 and publish ``out_dir``.  Collective
     over ``group`` (default: the world); a background writer passes a group of its own.
@@ -313,7 +314,7 @@ def write_prepared(
     seconds = time.perf_counter() - t0
     res = ExportResult(out_dir, n, total, seconds, files, prepared.quant_algo)
     if rank0:
-        log.info("HF export %s: %d tensors, %.3f GB in %.2f s (%.2f GB/s)", out_dir, n, total / 1e9, seconds, res.gb_per_s)
+        log.log(log_level, "HF export %s: %d tensors, %.3f GB in %.2f s (%.2f GB/s)", out_dir, n, total / 1e9, seconds, res.gb_per_s)
     return res
 
 

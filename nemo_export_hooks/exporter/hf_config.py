@@ -9,6 +9,9 @@ the export instead of producing a checkpoint with missing weights.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 from typing import Optional
 
 import torch
@@ -25,7 +28,16 @@ def build_hf_config(plan: ExportPlan, dtype: torch.dtype, overrides: Optional[di
 
 
 def expected_hf_keys(cfg: dict) -> Optional[set[str]]:
-    """State-dict keys of the HF model class for ``cfg`` (None if transformers is missing)."""
+    """State-dict keys of the HF model class for ``cfg`` (None if transformers is missing).
+
+    Cached by config: the training callback checks the same config at setup and at every
+    export, and rank 0 should not rebuild the model skeleton each time."""
+    return _expected_hf_keys(json.dumps(cfg, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_hf_keys(cfg_json: str) -> Optional[set[str]]:
+    cfg = json.loads(cfg_json)
     try:
         import transformers
     except ImportError:  # pragma: no cover - optional dependency
@@ -36,7 +48,7 @@ def expected_hf_keys(cfg: dict) -> Optional[set[str]]:
     cls = getattr(transformers, cfg["architectures"][0], None)
     if cls is None:
         return None
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init_weights():
         model = cls(config)
     state = model.state_dict()
     try:  # transformers >= 5 fuses experts in memory; list the names save_pretrained writes
@@ -48,7 +60,19 @@ def expected_hf_keys(cfg: dict) -> Optional[set[str]]:
     keys = set(state.keys())
     if getattr(config, "tie_word_embeddings", False):
         keys.discard("lm_head.weight")
-    return keys
+    return frozenset(keys)
+
+
+def _no_init_weights():
+    """Skip weight initialisation: only the names matter (its place moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:  # pragma: no cover
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def generation_config(cfg: dict) -> dict:

@@ -51,9 +51,9 @@ def init_single_process(tp: int = 1, ep: int = 1, pp: int = 1, seed: int = 1234)
     apply_cpu_shims()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            dist.init_process_group("gloo", rank=0, world_size=1)
+            # An explicit init_method, not MASTER_PORT in os.environ: child processes (torchrun
+            # tests) would inherit a port that is already taken.
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         else:
             dist.init_process_group("gloo")
     if parallel_state.model_parallel_is_initialized():
