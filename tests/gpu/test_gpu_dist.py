@@ -1,0 +1,52 @@
+"""Two GPUs (nvidia-h200-x2): a TEGroupedMLP Qwen3-MoE exported collectively under expert
+parallelism 2 and under tensor parallelism 2, loaded in transformers, logits compared with the
+Megatron forward (float32, max |diff| <= 5e-3).  Each case runs tests/gpu/gpu_dist_worker.py
+under torchrun; skipped with fewer than two GPUs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    pytest.skip("needs 2 GPUs (nvidia-h200-x2)", allow_module_level=True)
+for _mod in ("transformer_engine.pytorch", "megatron.core"):
+    try:
+        if importlib.util.find_spec(_mod.split(".")[0]) is None:
+            raise ImportError(_mod)
+        __import__(_mod)
+    except Exception as _e:
+        pytest.skip(f"{_mod} not importable ({type(_e).__name__}: {_e})", allow_module_level=True)
+
+WORKER = Path(__file__).resolve().parent / "gpu_dist_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["ep2", "tp2"])
+def test_two_gpu_export(mode, tmp_path, request):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(WORKER), mode, str(tmp_path), request.node.nodeid]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    print(r.stdout[-6000:])
+    print(r.stderr[-6000:], file=sys.stderr)
+    assert r.returncode == 0, f"torchrun {mode} exited {r.returncode}: {r.stdout[-800:]} {r.stderr[-1500:]}"
