@@ -21,7 +21,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .publish import read_manifest, verify_export
 
     path = Path(args.dir)
-    problems = verify_export(path)
+    problems = verify_export(path, load_config=args.load_config)
     if problems:
         print(f"FAILED: {path}: {len(problems)} problem(s)")
         for p in problems:
@@ -29,7 +29,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     files = (read_manifest(path) or {}).get("files", {})
     nbytes = sum(int(info.get("bytes", 0)) for info in files.values())
-    print(f"OK: {path}: {len(files)} files, {nbytes} bytes ({nbytes / 1e9:.3f} GB) match the manifest")
+    loaded = ", config loads in transformers" if args.load_config else ""
+    print(f"OK: {path}: {len(files)} files, {nbytes} bytes ({nbytes / 1e9:.3f} GB) match the manifest{loaded}")
     return 0
 
 
@@ -37,10 +38,17 @@ def add_verify_parser(sub: "argparse._SubParsersAction") -> None:
     p = sub.add_parser(
         "verify",
         help="check an export against its manifest, index and config",
-        description="Check sizes and sha256 of every file in the manifest, the safetensors index "
-        "against the shard headers, and config.json.  Exit code 0 if good, 1 if not.",
+        description="Check sizes and sha256 of every file in the manifest (and that no file is "
+        "unlisted), the safetensors index against the shard headers (both ways, and total_size), "
+        "and load config.json with transformers' AutoConfig (offline).  Exit code 0 if good, 1 if not.",
     )
     p.add_argument("dir", metavar="DIR", help="export directory (or a 'latest' link to one)")
+    p.add_argument(
+        "--no-load-config",
+        dest="load_config",
+        action="store_false",
+        help="only check that config.json is a JSON object; do not import transformers",
+    )
     p.set_defaults(func=_cmd_verify)
 
 

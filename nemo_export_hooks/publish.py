@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -39,6 +40,8 @@ __all__ = [
     "is_staging_name",
     "is_trash_name",
     "make_staging_dir",
+    "release_staging",
+    "staging_in_use",
     "clean_stale_staging",
     "write_manifest",
     "read_manifest",
@@ -61,6 +64,7 @@ STAGING_MARKER = ".staging-"
 TRASH_MARKER = ".trash-"
 _STAGING_RE = re.compile(r"^\.(?P<final>.+)" + re.escape(STAGING_MARKER) + r"[0-9a-f]{8}$")
 _TRASH_RE = re.compile(r"^\.(?P<final>.+)" + re.escape(TRASH_MARKER) + r"[0-9a-f]{8}$")
+_LATEST_TMP_RE = re.compile(r"^\.latest(\.txt)?\.tmp-[0-9a-f]{8}$")
 _RESERVED_KEYS = ("files", "producer", "created_utc", "manifest_version")
 _CHUNK = 1 << 20
 
@@ -165,12 +169,93 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash)
 
 
+# -- staging locks ------------------------------------------------------------------------
+# A staging directory is locked (``flock`` on the directory) by the process that created it
+# until it is published or abandoned, so a cleanup by another run sharing the parent
+# (:func:`clean_stale_staging`) never deletes an export that is still being written.  The
+# kernel drops the lock when the process dies, however it dies: a crashed export's staging
+# directory is unlocked and gets cleaned.  Where ``flock`` is unsupported (some network
+# filesystems) nothing is locked and cleanup falls back to names (and ``min_age_s``).
+_LOCKS: dict = {}  # str(staging path) -> fd holding the lock
+_LOCKS_GUARD = threading.Lock()
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _lock_staging(path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    try:
+        fd = os.open(path, _O_DIR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return
+    with _LOCKS_GUARD:
+        _LOCKS[str(path)] = fd
+
+
+def release_staging(path: PathLike) -> None:
+    """Drop this process's lock on a staging directory (done by :func:`publish`; call it
+    after removing a staging directory yourself, or let the next call prune it)."""
+    with _LOCKS_GUARD:
+        fd = _LOCKS.pop(str(path), None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _prune_locks() -> None:
+    """Close the locks of staging directories that no longer exist (removed after a failure)."""
+    with _LOCKS_GUARD:
+        items = list(_LOCKS.items())
+    for key, fd in items:
+        try:
+            gone = os.fstat(fd).st_nlink == 0
+        except OSError:
+            gone = True
+        if gone:
+            release_staging(key)
+
+
+def staging_in_use(path: PathLike) -> bool:
+    """True if a live process holds the lock of staging directory ``path`` (this process's
+    own locks count too, except for :func:`clean_stale_staging`, which treats a staging
+    directory this process created as abandoned: exports run to completion or removal
+    before the next cleanup of the same process)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return False
+    try:
+        fd = os.open(path, _O_DIR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # locking unsupported here
+        return False
+    finally:
+        os.close(fd)  # also releases the probe's own lock
+    return False
+
+
 # -- staging ------------------------------------------------------------------------------
 def make_staging_dir(final_dir: PathLike) -> Path:
     """Create and return a fresh hidden staging directory next to ``final_dir``.
 
     It is a sibling (``final_dir.parent / ".{name}.staging-{8 hex}"``) so the final rename
-    stays on one filesystem and is atomic.  The parent is created if needed.
+    stays on one filesystem and is atomic.  The parent is created if needed.  The directory
+    is locked by this process until :func:`publish` (or :func:`release_staging`), so that
+    :func:`clean_stale_staging` in another run leaves it alone while it is being written.
     """
     final_dir = Path(final_dir)
     if not final_dir.name or final_dir.name in (".", ".."):
@@ -189,30 +274,48 @@ def make_staging_dir(final_dir: PathLike) -> Path:
         staging.mkdir()
     except OSError as e:
         raise type(e)(e.errno, f"cannot create staging directory {staging}: {e.strerror}") from e
+    _prune_locks()
+    _lock_staging(staging)
     return staging
 
 
 def clean_stale_staging(parent: PathLike, min_age_s: float = 0.0) -> list[Path]:
-    """Delete staging (and trash) directories left in ``parent`` by crashed exports.
+    """Delete what crashed exports left in ``parent``: staging and trash directories, and
+    the temporary files of an interrupted ``latest`` update.
 
-    Only real directories whose names match our hidden patterns (``.{name}.staging-{8 hex}``,
-    ``.{name}.trash-{8 hex}``) are removed; anything else, symlinks included, is left alone.
-    ``min_age_s`` skips directories modified more recently than that, so a cleanup at start
-    cannot race an export still being written by another process into the same parent.
-    Returns the removed paths.
+    Only entries whose names match our hidden patterns (``.{name}.staging-{8 hex}``,
+    ``.{name}.trash-{8 hex}`` directories; ``.latest.tmp-{8 hex}`` / ``.latest.txt.tmp-{8
+    hex}`` links and files) are removed; anything else is left alone.  A staging directory
+    locked by a live export of another process (another run sharing ``parent``, see
+    :func:`make_staging_dir`) is skipped; ``min_age_s`` also skips directories modified more
+    recently than that (for filesystems without ``flock``).  Returns the removed paths.
     """
     parent = Path(parent)
     if not parent.is_dir():
         return []
+    _prune_locks()
     now = time.time()
     removed = []
     for entry in sorted(parent.iterdir()):
+        if _LATEST_TMP_RE.match(entry.name) and (entry.is_symlink() or entry.is_file()):
+            try:
+                entry.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(entry)
+            continue
         if not (is_staging_name(entry.name) or is_trash_name(entry.name)):
             continue
         if entry.is_symlink() or not entry.is_dir():
             continue
         if min_age_s > 0 and now - entry.stat().st_mtime < min_age_s:
             continue
+        if is_staging_name(entry.name):
+            if str(entry) in _LOCKS:  # our own, abandoned: this process is not writing it now
+                release_staging(entry)
+            elif staging_in_use(entry):
+                log.info("not removing staging directory %s: an export in another process holds it", entry)
+                continue
         try:
             shutil.rmtree(entry)
         except FileNotFoundError:
@@ -223,12 +326,18 @@ def clean_stale_staging(parent: PathLike, min_age_s: float = 0.0) -> list[Path]:
 
 
 # -- manifest -----------------------------------------------------------------------------
-def write_manifest(directory: PathLike, meta: dict) -> dict:
+def write_manifest(directory: PathLike, meta: dict, known: Optional[dict] = None) -> dict:
     """Write ``export_manifest.json`` into ``directory`` and return it.
 
     It holds ``meta`` plus ``files`` (``{relative posix path: {"bytes", "sha256"}}`` for every
     file but the manifest), ``producer`` (name, package version), ``created_utc`` and
     ``manifest_version``.  Write it last, after every other file is in place.
+
+    Shards are not read back when their digest is already known: ``known`` maps relative
+    paths to ``{"bytes", "sha256"}`` computed while they were written (other ranks'
+    ``ShardWriter.digests``, renamed with ``final_shard_names``), and files a
+    ``ShardWriter`` of this process wrote and nobody changed since are looked up by file
+    identity.  An entry whose size differs from the file's is ignored (the file is hashed).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -251,7 +360,14 @@ def write_manifest(directory: PathLike, meta: dict) -> dict:
         rel = p.relative_to(directory).as_posix()
         if rel == MANIFEST_NAME:
             continue
-        files[rel] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        size = p.stat().st_size
+        digest = None
+        hint = (known or {}).get(rel)
+        if isinstance(hint, dict) and hint.get("bytes") == size and isinstance(hint.get("sha256"), str):
+            digest = hint["sha256"]
+        elif rel.endswith(".safetensors"):
+            digest = _writer_digest(p)
+        files[rel] = {"bytes": size, "sha256": digest or _sha256(p)}
 
     manifest = dict(meta)
     manifest.update(
@@ -264,6 +380,14 @@ def write_manifest(directory: PathLike, meta: dict) -> dict:
     )
     _atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _writer_digest(path: Path) -> Optional[str]:
+    try:
+        from .exporter.writer import known_digest
+    except Exception:  # pragma: no cover - torch missing: nothing was written by a ShardWriter
+        return None
+    return known_digest(path)
 
 
 def read_manifest(directory: PathLike) -> Optional[dict]:
@@ -334,6 +458,7 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
         if old_trash is not None:
             os.rename(old_trash, final_dir)
         raise
+    release_staging(staging)
     _fsync_dir(parent)
     if old_trash is not None:
         try:
@@ -344,12 +469,16 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
 
 
 # -- verify -------------------------------------------------------------------------------
-def verify_export(path: PathLike) -> list[str]:
+def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     """Check an export; return human-readable problems (an empty list means it is good).
 
     Checks: the manifest exists and parses; every listed file exists with the recorded size
-    and sha256; no safetensors file is missing from the manifest; every file the index names
-    exists and every key it maps is in that shard's header; ``config.json`` is valid JSON.
+    and sha256; no file (but hidden ones) is missing from the manifest; the index is
+    complete: every file it names exists and holds every key it maps there, every tensor of
+    every shard is in the index (under that shard), ``total_size`` is the shards' tensor
+    bytes, and the manifest's ``num_tensors`` / ``total_bytes`` agree with it; every JSON file
+    parses and ``config.json`` is an object.  ``load_config=True`` also loads the config
+    with ``transformers.AutoConfig`` (offline), as a reader would.
     """
     path = Path(path)
     if not path.is_dir():
@@ -371,6 +500,9 @@ def verify_export(path: PathLike) -> list[str]:
 
     listed: dict = manifest["files"] if manifest else {}
     for rel, info in sorted(listed.items()):
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{rel}: manifest entry points outside the export")
+            continue
         fp = path / rel
         if not fp.is_file():
             problems.append(f"{rel}: listed in the manifest but missing")
@@ -386,13 +518,29 @@ def verify_export(path: PathLike) -> list[str]:
         if digest != info.get("sha256"):
             problems.append(f"{rel}: sha256 is {digest}, manifest says {info.get('sha256')}")
     if manifest is not None:
-        for p in sorted(path.rglob("*.safetensors")):
+        for p in sorted(path.rglob("*")):
             rel = p.relative_to(path).as_posix()
-            if rel not in listed:
-                problems.append(f"{rel}: safetensors file not listed in the manifest")
+            if rel in listed or rel == MANIFEST_NAME or p.is_dir() or any(s.startswith(".") for s in Path(rel).parts):
+                continue
+            kind = "safetensors file" if p.name.endswith(".safetensors") else "file"
+            problems.append(f"{rel}: {kind} not listed in the manifest")
 
-    problems.extend(_check_index(path))
+    index_problems, counts = _check_index(path)
+    problems.extend(index_problems)
+    if manifest is not None and counts is not None:
+        n_tensors, total = counts
+        if isinstance(manifest.get("num_tensors"), int) and manifest["num_tensors"] != n_tensors:
+            problems.append(f"{MANIFEST_NAME} says {manifest['num_tensors']} tensors, the shards hold {n_tensors}")
+        if isinstance(manifest.get("total_bytes"), int) and manifest["total_bytes"] != total:
+            problems.append(f"{MANIFEST_NAME} says {manifest['total_bytes']} tensor bytes, the shards hold {total}")
 
+    for p in sorted(path.glob("*.json")):
+        if p.name in (MANIFEST_NAME, INDEX_NAME, "config.json"):
+            continue
+        try:
+            json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            problems.append(f"{p.name} is not valid JSON: {e}")
     cpath = path / "config.json"
     if not cpath.is_file():
         problems.append("config.json is missing")
@@ -401,58 +549,100 @@ def verify_export(path: PathLike) -> list[str]:
             cfg = json.loads(cpath.read_text(encoding="utf-8"))
             if not isinstance(cfg, dict):
                 problems.append("config.json is not a JSON object")
+            elif load_config:
+                problems.extend(_load_config(path))
         except (OSError, ValueError) as e:
             problems.append(f"config.json is not valid JSON: {e}")
     return problems
 
 
-def _shard_keys(fp: Path) -> set:
+def _load_config(path: Path) -> list[str]:
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return ["config.json cannot be loaded: transformers is not installed (use --no-load-config)"]
+    try:
+        AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        return [f"config.json does not load in transformers: {type(e).__name__}: {e}"]
+    return []
+
+
+def _shard_header(fp: Path) -> dict:
+    """The tensors of a safetensors file, ``{name: bytes}``, after the library validated it
+    (offsets inside the file, no gaps or overlaps)."""
     from safetensors import safe_open
 
-    with safe_open(str(fp), framework="pt") as f:  # reads the header only
-        return set(f.keys())
+    with safe_open(str(fp), framework="pt") as f:  # reads and validates the header only
+        keys = set(f.keys())
+    import struct
+
+    with open(fp, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k in keys}
 
 
-def _check_index(path: Path) -> list[str]:
+def _shard_keys(fp: Path) -> set:
+    return set(_shard_header(fp))
+
+
+def _check_index(path: Path) -> tuple[list[str], Optional[tuple[int, int]]]:
+    """Problems of the weights, and (tensors, tensor bytes) when they could be counted."""
     problems: list[str] = []
     ipath = path / INDEX_NAME
     if not ipath.is_file():
         if (path / "model.safetensors").is_file():
             try:
-                _shard_keys(path / "model.safetensors")
+                tensors = _shard_header(path / "model.safetensors")
+                return problems, (len(tensors), sum(tensors.values()))
             except Exception as e:
                 problems.append(f"model.safetensors cannot be opened: {e}")
         else:
             problems.append(f"no weights: neither {INDEX_NAME} nor model.safetensors exists")
-        return problems
+        return problems, None
     try:
         index = json.loads(ipath.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise ValueError("'weight_map' is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{INDEX_NAME} is not a valid index: {type(e).__name__}: {e}"]
+        return [f"{INDEX_NAME} is not a valid index: {type(e).__name__}: {e}"], None
     by_file: dict[str, list[str]] = {}
     for key, fname in weight_map.items():
         by_file.setdefault(str(fname), []).append(key)
+    n_tensors, total, complete = 0, 0, True
     for fname, keys in sorted(by_file.items()):
         fp = path / fname
-        if not fp.is_file():
+        if Path(fname).name != fname or not fp.is_file():
             problems.append(f"{INDEX_NAME} maps {len(keys)} tensor(s) to {fname}, which does not exist")
+            complete = False
             continue
         try:
-            have = _shard_keys(fp)
+            have = _shard_header(fp)
         except Exception as e:
             problems.append(f"{fname} cannot be opened as safetensors: {e}")
+            complete = False
             continue
-        missing = sorted(set(keys) - have)
+        n_tensors += len(have)
+        total += sum(have.values())
+        missing = sorted(set(keys) - set(have))
         if missing:
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
             problems.append(f"{fname} lacks {len(missing)} key(s) the index maps to it: {missing[:5]}{more}")
+        unindexed = sorted(k for k in have if weight_map.get(k) != fname)
+        if unindexed:
+            more = f" (+{len(unindexed) - 5} more)" if len(unindexed) > 5 else ""
+            problems.append(f"{fname} holds {len(unindexed)} tensor(s) the index does not map to it: {unindexed[:5]}{more}")
     for p in sorted(path.glob("*.safetensors")):
         if p.name not in by_file:
             problems.append(f"{p.name}: safetensors file not referenced by {INDEX_NAME}")
-    return problems
+    if not complete:
+        return problems, None
+    declared = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
+    if declared is not None and declared != total:
+        problems.append(f"{INDEX_NAME} says total_size {declared}, the shards hold {total} tensor bytes")
+    return problems, (n_tensors, total)
 
 
 # -- latest pointer and retention ---------------------------------------------------------
@@ -487,23 +677,34 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> None:
 
 
 def apply_retention(owned: Iterable[PathLike], keep_last_k: Optional[int]) -> list[Path]:
-    """Delete all but the newest ``keep_last_k`` of ``owned`` (exports this process made).
+    """Delete all but the newest ``keep_last_k`` complete exports of ``owned`` (exports this
+    process made).
 
-    ``owned`` is oldest first.  ``keep_last_k`` of ``None`` or <= 0 keeps everything.  The
-    newest is never deleted, and neither is anything that is not a real directory with our
-    manifest (a user may have replaced it).  Returns the removed paths.
+    ``owned`` is oldest first.  ``keep_last_k`` of ``None`` or <= 0 keeps everything.  Only
+    complete exports of ours (a real directory with our manifest, which is written last)
+    count towards the ``keep_last_k`` kept, so the newest complete export is never deleted,
+    even if a newer entry of ``owned`` has vanished or been replaced; anything that is not an
+    export of ours (a user may have replaced it) is never deleted.  Returns the removed paths.
     """
-    owned = [Path(p) for p in owned]
+    seen: dict = {}
+    for p in owned:  # a path listed twice counts once, at its newest position
+        seen.pop(str(p), None)
+        seen[str(p)] = Path(p)
+    owned = list(seen.values())
     if keep_last_k is None or keep_last_k <= 0 or len(owned) <= keep_last_k:
         return []
-    newest = owned[-1]
-    removed = []
-    for p in owned[:-keep_last_k]:
-        if p == newest or not os.path.lexists(p):
+    older = {str(p) for p in owned[:-keep_last_k]}
+    ours = []
+    for p in owned:
+        if not os.path.lexists(p):
             continue
         if not is_our_export(p):
-            log.warning("retention: not deleting %s, it is not an export written by %s", p, PRODUCER_NAME)
+            if str(p) in older:
+                log.warning("retention: not deleting %s, it is not an export written by %s", p, PRODUCER_NAME)
             continue
+        ours.append(p)
+    removed = []
+    for p in ours[:-keep_last_k]:
         try:
             _remove_tree(p)
         except OSError as e:

@@ -1,32 +1,49 @@
 """Streaming, size-bounded ``safetensors`` shard writer and the Hugging Face shard index.
 
 Why streaming: an export must never hold the whole model in memory.  Each owner rank pushes
-its tensors one at a time into a :class:`ShardWriter`, which keeps at most one shard's worth
-of tensors (plus the tensor being added) and writes a *part* file as soon as the next tensor
-would not fit.  Part files are named per writer (``{prefix}-{k:05d}.safetensors``, e.g.
+its tensors one at a time into a :class:`ShardWriter`, which writes each tensor's bytes
+straight into the current *part* file (no copy, no reference kept: memory is the tensor
+being added) behind space reserved for the safetensors header, and starts a new part when
+the next tensor would not fit.  A full part gets its header written into the reserve, its
+sha256 computed in a background thread from the page cache (for the manifest, so nobody
+reads the shards back afterwards) while the next part is written, then it is fsynced and
+renamed into place.  Writeback is started every 64 MiB (``sync_file_range`` on Linux), so
+the disk works while later tensors are still being converted.
+
+Part files are named per writer (``{prefix}-{k:05d}.safetensors``, e.g.
 ``rank00003-00002.safetensors``) so several ranks can write into one staging directory
 without coordination.  Once all ranks are done, rank 0 calls :func:`finalize_shards` with the
 merged key -> part map; it renames the parts to the names ``transformers`` expects
 (``model-00001-of-00004.safetensors``) and writes ``model.safetensors.index.json``.
 
-The size limit counts tensor bytes only (as ``transformers`` does); the few kilobytes of
-safetensors header come on top.
+File layout: a valid safetensors file (8-byte header length, JSON header padded with spaces,
+tensor bytes).  The header reserve is a whole number of pages, so tensor data starts on a
+page boundary; tensors follow in the order they were added.  If the header outgrows its
+reserve, or a tensor would not be aligned to its element size, the part is rewritten (an
+in-kernel copy) with an exact header and tensors sorted by element size, as
+``safetensors.save_file`` lays them out.
+
+The size limit counts tensor bytes only (as ``transformers`` does); the header comes on top.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
 import re
 import struct
+import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-__all__ = ["parse_size", "ShardWriter", "finalize_shards", "INDEX_NAME", "hf_shard_name"]
+__all__ = ["parse_size", "ShardWriter", "finalize_shards", "final_shard_names", "known_digest", "INDEX_NAME", "hf_shard_name"]
 
 INDEX_NAME = "model.safetensors.index.json"
 _SAFETENSORS_METADATA = {"format": "pt"}  # transformers checks this key when loading
@@ -94,20 +111,346 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-class ShardWriter:
-    """Buffer tensors and write them as size-bounded safetensors part files.
+# -- safetensors encoding -----------------------------------------------------------------
+_ST_DTYPES: dict = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+}
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("float8_e8m0fnu", "F8_E8M0"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
 
-    ``add`` flushes the buffer into a new part whenever adding the next tensor would take
-    the shard over ``max_shard_bytes``; a tensor bigger than the limit gets a part of its
-    own.  Parts are written under a temporary hidden name, fsynced and then ``os.replace``-d
-    to ``f"{prefix}-{k:05d}.safetensors"`` (k from 1), so a part file that exists is complete.
+_CHUNK = 64 << 20  # bytes per write() call, and how often writeback is started
+_HASH_CHUNK = 8 << 20
+_ALIGN = 4096  # data region starts on a page boundary (mmap-friendly, all dtypes aligned)
+_MAX_HEADER_RESERVE = 1 << 20
+
+
+def _header_reserve(max_shard_bytes: int) -> int:
+    """Bytes reserved at the start of a part for its header (8-byte length + JSON).
+
+    Tensors are written as they arrive, behind this reserve; the header is written into it
+    when the part is complete.  About one entry (~130 bytes) per 64 KiB of shard, at least
+    one page, at most 1 MiB; a header that does not fit (many tiny tensors) makes the part
+    be rewritten with an exact header (:meth:`_Part._rewrite`), which costs one extra
+    in-kernel copy of that part.
+    """
+    want = max(_ALIGN, min(_MAX_HEADER_RESERVE, max_shard_bytes // 512))
+    return -(-want // _ALIGN) * _ALIGN
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    flat = t.reshape(-1)
+    if flat.dtype is not torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+try:  # Linux: start writeback of a byte range early, so the final fsync has little left
+    import ctypes
+    import ctypes.util
+
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+except Exception:  # pragma: no cover - not Linux / no libc symbol
+    _sync_file_range = None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+
+
+def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    """``pwrite`` all of ``data`` at ``offset``; errors name the file."""
+    pos = 0
+    n = len(data)
+    while pos < n:
+        end = min(n, pos + _CHUNK)
+        try:
+            written = os.pwrite(fd, data[pos:end], offset + pos)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path.name} in {path.parent}: {e.strerror}") from e
+        if written <= 0:  # pragma: no cover - pwrite reports errors by raising
+            raise OSError(errno.EIO, f"cannot write {path.name} in {path.parent}: short write")
+        pos += written
+
+
+# Digests of the part files written by this process, by file identity.  write_manifest()
+# looks them up (``known_digest``) so that rank 0 does not read back and hash, after the
+# fact, the shards it has just written.  An entry is used only while the file still has the
+# device, inode, size and mtime it had when its bytes were hashed.
+_DIGESTS: "OrderedDict[tuple, str]" = OrderedDict()
+_DIGESTS_LOCK = threading.Lock()
+_DIGESTS_MAX = 1 << 16
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _remember_digest(path: Path, sha256: str) -> None:
+    key = _identity(os.stat(path))
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = sha256
+        while len(_DIGESTS) > _DIGESTS_MAX:
+            _DIGESTS.popitem(last=False)
+
+
+def known_digest(path: Union[str, Path]) -> Optional[str]:
+    """sha256 of ``path`` if a :class:`ShardWriter` of this process wrote it and it has not
+    changed since (same device, inode, size and mtime), else ``None``."""
+    try:
+        key = _identity(os.stat(path))
+    except OSError:
+        return None
+    with _DIGESTS_LOCK:
+        return _DIGESTS.get(key)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)  # pragma: no cover - platforms without preadv
+    view[: len(data)] = data
+    return len(data)
+
+
+class _Hasher(threading.Thread):
+    """sha256 of a file region, read back with ``pread`` (from the page cache: the bytes were
+    just written) in a thread of its own; ``hashlib`` releases the GIL, so this overlaps the
+    caller's next writes or the part's fsync."""
+
+    def __init__(self, fd: int, size: int):
+        super().__init__(daemon=True, name="shard-sha256")
+        self.fd, self.size = fd, size
+        self.digest: Optional[str] = None
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            buf = bytearray(min(_HASH_CHUNK, max(self.size, 1)))
+            view = memoryview(buf)
+            pos = 0
+            while pos < self.size:
+                n = _pread_into(self.fd, view[: min(len(buf), self.size - pos)], pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"unexpected end of file at byte {pos} of {self.size} while hashing")
+                h.update(view[:n])
+                pos += n
+            self.digest = h.hexdigest()
+        except BaseException as e:  # reported by result()
+            self.error = e
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.digest is not None
+        return self.digest
+
+
+class _Part:
+    """One part file being written: tensors are written where they will stay, behind a
+    reserved header; :meth:`seal` writes the header into the reserve."""
+
+    def __init__(self, directory: Path, part: str, reserve: int):
+        self.part = part
+        self.final = directory / part
+        self.tmp = directory / f".{part}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if self.final.exists():
+            raise FileExistsError(
+                f"part file {self.final} already exists; is another writer using this prefix in this directory?"
+            )
+        try:
+            self.fd: Optional[int] = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create a shard file in {directory}: {e.strerror}") from e
+        self.reserve = reserve
+        self.entries: list[tuple[str, str, list, int, int, int]] = []  # name, dtype, shape, start, end, itemsize
+        self.data_bytes = 0
+        self.aligned = True
+        self._unsynced_from = 0  # data offset from which writeback has not been started
+        self.size = 0
+        self.hasher: Optional[_Hasher] = None
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        data = _byte_view(t)
+        start = self.data_bytes
+        _write_all(self.fd, data, self.reserve + start, self.tmp)
+        itemsize = t.element_size()
+        if itemsize and start % itemsize:
+            self.aligned = False
+        self.entries.append((name, _ST_DTYPES[t.dtype], list(t.shape), start, start + len(data), itemsize))
+        self.data_bytes += len(data)
+        if self.data_bytes - self._unsynced_from >= _CHUNK:
+            _start_writeback(self.fd, self.reserve + self._unsynced_from, self.data_bytes - self._unsynced_from)
+            self._unsynced_from = self.data_bytes
+
+    def _header(self, entries, padded_to: Optional[int]) -> bytes:
+        header: dict = {"__metadata__": dict(_SAFETENSORS_METADATA)}
+        for name, dtype, shape, start, end, _ in entries:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        total = 8 + len(raw)
+        target = padded_to if padded_to is not None else -(-total // 8) * 8
+        if total > target:
+            return b""
+        raw += b" " * (target - total)  # JSON allows trailing whitespace; safetensors pads so too
+        return struct.pack("<Q", len(raw)) + raw
+
+    def seal(self) -> None:
+        """Write the header; start writeback of what is left and hashing of the whole file."""
+        header = self._header(self.entries, self.reserve) if self.aligned else b""
+        if header:
+            _write_all(self.fd, memoryview(header), 0, self.tmp)
+            self.size = self.reserve + self.data_bytes
+        else:  # the header outgrew its reserve, or a tensor is not aligned to its dtype
+            self._rewrite()
+        _start_writeback(self.fd, 0, self.size)
+        self.hasher = _Hasher(self.fd, self.size)
+        self.hasher.start()
+
+    def _rewrite(self) -> None:
+        """Rewrite the part with an exact header and tensors ordered by decreasing element
+        size (every tensor aligned, like ``safetensors.save_file``), copying the tensor bytes
+        from the first file in the kernel."""
+        order = sorted(self.entries, key=lambda e: (-e[5], e[0]))
+        moved, pos = [], 0
+        for name, dtype, shape, start, end, itemsize in order:
+            moved.append((name, dtype, shape, pos, pos + end - start, itemsize, start))
+            pos += end - start
+        header = self._header([m[:6] for m in moved], None)
+        tmp2 = self.tmp.with_name(self.tmp.name + "-2")
+        fd2 = os.open(tmp2, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        src = os.open(self.tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            _write_all(fd2, memoryview(header), 0, tmp2)
+            base = len(header)
+            for _, _, _, new_start, new_end, _, old_start in moved:
+                _copy_range(src, self.reserve + old_start, fd2, base + new_start, new_end - new_start, tmp2)
+            os.replace(tmp2, self.tmp)
+        except BaseException:
+            os.close(fd2)
+            _unlink_quietly(tmp2)
+            raise
+        finally:
+            os.close(src)
+        os.close(self.fd)
+        self.fd = fd2
+        self.size = base + pos
+
+    def commit(self) -> str:
+        """Wait for the hash, fsync, rename into place; return the sha256."""
+        assert self.hasher is not None and self.fd is not None
+        digest = self.hasher.result()
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {self.final.name} in {self.final.parent} (fsync): {e.strerror}") from e
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.tmp, self.final)
+        _remember_digest(self.final, digest)
+        return digest
+
+    def discard(self) -> None:
+        """Drop this part: wait for a running hash, close, delete the temporary file."""
+        if self.hasher is not None and self.hasher.is_alive():
+            self.hasher.join()
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        _unlink_quietly(self.tmp)
+        _unlink_quietly(self.tmp.with_name(self.tmp.name + "-2"))
+
+    def __del__(self):  # an abandoned writer must not leak descriptors
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int, path: Path) -> None:
+    copied = 0
+    while copied < n:
+        try:
+            if hasattr(os, "copy_file_range"):
+                k = os.copy_file_range(src, dst, n - copied, src_off + copied, dst_off + copied)
+            else:  # pragma: no cover - non-Linux
+                raise OSError(errno.ENOSYS, "copy_file_range unavailable")
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                raise OSError(e.errno, f"cannot write {path.name} in {path.parent}: {e.strerror}") from e
+            chunk = os.pread(src, min(_CHUNK, n - copied), src_off + copied)
+            if not chunk:
+                raise OSError(errno.EIO, f"unexpected end of {path.name} while rewriting it") from None
+            _write_all(dst, memoryview(chunk), dst_off + copied, path)
+            k = len(chunk)
+        if k <= 0:
+            raise OSError(errno.EIO, f"unexpected end of {path.name} while rewriting it")
+        copied += k
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class ShardWriter:
+    """Write tensors as they come into size-bounded safetensors part files.
+
+    Each tensor's bytes are written into the current part file as soon as it is added (no
+    copy, no reference kept), behind space reserved for the header; when adding the next
+    tensor would take the part over ``max_shard_bytes``, the part is *sealed*: its header is
+    written into the reserve, and its sha256 is computed from the page cache in a
+    background thread while the next part is being written.  A part is fsynced and
+    ``os.replace``-d from a hidden temporary name to ``f"{prefix}-{k:05d}.safetensors"``
+    (k from 1) once its hash is known (at the next seal, or at :meth:`close`), so a part
+    file that exists is complete.  A tensor bigger than the limit gets a part of its own.
+
+    Memory: the tensor being added, plus an 8 MiB read buffer per part being hashed.
 
     After :meth:`close` (which returns ``{tensor name: part filename}``), ``files`` lists the
-    part filenames in order, ``num_tensors`` counts tensors and ``total_bytes`` sums their
-    bytes.  Usable as a context manager (closes on success, drops the buffer on error).
+    part filenames in order, ``num_tensors`` counts tensors, ``total_bytes`` sums their bytes
+    and ``digests`` maps each part filename to ``{"bytes", "sha256"}`` of the whole file (what
+    the export manifest records; see :func:`final_shard_names` for their published names).
+    Usable as a context manager (closes on success, discards unfinished parts on error).
 
-    The writer keeps a *reference* to each added tensor until its part is written: do not
-    modify a tensor in place after adding it (copy first if you reuse a buffer).
+    Errors (a full disk, a read-only or vanished directory) name the file and directory;
+    the temporary file of the failed part is removed before the error propagates.
     """
 
     def __init__(self, directory: Union[str, Path], max_shard_bytes: int, prefix: str = "part"):
@@ -128,20 +471,27 @@ class ShardWriter:
         self.total_bytes = 0
         self.num_tensors = 0
         self.files: list[str] = []
+        self.digests: dict[str, dict] = {}
         self._key_to_part: dict[str, str] = {}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._buffer_storages: set[int] = set()
+        self._names: set[str] = set()
+        self._part: Optional[_Part] = None  # being written
+        self._sealed: Optional[_Part] = None  # hashed in the background, not yet committed
+        self._reserve = _header_reserve(max_shard_bytes)
         self._closed = False
+
+    @property
+    def _buffer_bytes(self) -> int:
+        """Tensor bytes in the part being written (always below the limit between calls)."""
+        return self._part.data_bytes if self._part is not None else 0
 
     # -- public -------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` under ``name``; may write a part file first to stay in bounds."""
+        """Write ``tensor`` under ``name``; may seal the current part first to stay in bounds."""
         if self._closed:
             raise RuntimeError(f"ShardWriter({self.directory}, prefix={self.prefix!r}) is closed; cannot add {name!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor name must be a non-empty string, got {name!r}")
-        if name in self._key_to_part or name in self._buffer:
+        if name in self._names:
             raise ValueError(f"duplicate tensor name {name!r}: it was already added to this writer")
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"tensor {name!r} is a {type(tensor).__name__}, expected a torch.Tensor")
@@ -149,29 +499,47 @@ class ShardWriter:
             raise ValueError(f"tensor {name!r} is on {tensor.device}; move it to CPU before writing")
         if tensor.layout != torch.strided:
             raise ValueError(f"tensor {name!r} has layout {tensor.layout}; only dense tensors can be written")
-        tensor = self._own(tensor.detach())
+        if tensor.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        tensor = tensor.detach()
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor
-        self._buffer_bytes += nbytes
-        if tensor.numel():
-            self._buffer_storages.add(tensor.untyped_storage().data_ptr())
+        try:
+            if self._part is not None and self._part.entries and self._part.data_bytes + nbytes > self.max_shard_bytes:
+                self._flush()
+            if self._part is None:
+                self._part = _Part(self.directory, f"{self.prefix}-{len(self.files) + 1:05d}.safetensors", self._reserve)
+            self._part.write(name, tensor)
+        except BaseException:
+            self._abort()
+            raise
+        self._names.add(name)
+        self._key_to_part[name] = self._part.part
         self.total_bytes += nbytes
         self.num_tensors += 1
-        if self._buffer_bytes >= self.max_shard_bytes:  # full (or one oversize tensor): write now
+        if self._part.data_bytes >= self.max_shard_bytes:  # full (or one oversize tensor): seal now
             self._flush()
 
     def close(self) -> dict[str, str]:
-        """Write what is buffered and return ``{tensor name: part filename}``.  Idempotent."""
+        """Seal and commit what is left and return ``{tensor name: part filename}``.  Idempotent."""
         if not self._closed:
-            if self._buffer:
-                self._flush()
-            if self.files:
-                _fsync_path(self.directory, directory=True)
+            try:
+                if self._part is not None:
+                    self._flush()
+                self._commit_sealed()
+                if self.files:
+                    _fsync_path(self.directory, directory=True)
+            except BaseException:
+                self._abort()
+                raise
             self._closed = True
         return dict(self._key_to_part)
+
+    def abort(self) -> None:
+        """Discard unfinished parts (their temporary files); finished parts stay for the
+        caller to remove with the staging directory.  The writer is closed afterwards."""
+        self._abort()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -179,56 +547,45 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:  # drop the buffer; finished parts stay for the caller to clean with the staging dir
-            self._buffer.clear()
-            self._buffer_storages.clear()
-            self._closed = True
+        else:
+            self._abort()
 
     # -- internals ----------------------------------------------------------------------
-    def _own(self, t: torch.Tensor) -> torch.Tensor:
-        """Return a contiguous tensor that owns its whole storage and shares none with the buffer.
-
-        A view (a QKV slice, a gate/up half) keeps its whole base storage alive, which would
-        break the one-shard memory bound, and safetensors refuses tensors that overlap in
-        memory (e.g. tied weights added under two names).  Such tensors are copied.
-        """
-        if not t.is_contiguous():
-            return t.contiguous()
-        if t.numel() == 0:
-            return t
-        storage = t.untyped_storage()
-        owns_all = t.data_ptr() == storage.data_ptr() and storage.nbytes() == t.numel() * t.element_size()
-        if not owns_all or storage.data_ptr() in self._buffer_storages:
-            return t.clone(memory_format=torch.contiguous_format)
-        return t
-
     def _flush(self) -> None:
-        from safetensors.torch import save_file
+        """Seal the part being written (its hash runs in the background) and commit the
+        previously sealed one."""
+        part = self._part
+        if part is None:
+            return
+        self._commit_sealed()
+        part.seal()
+        self._sealed, self._part = part, None
+        self.files.append(part.part)
 
-        k = len(self.files) + 1
-        part = f"{self.prefix}-{k:05d}.safetensors"
-        final = self.directory / part
-        tmp = self.directory / f".{part}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            raise FileExistsError(
-                f"part file {final} already exists; is another writer using prefix {self.prefix!r} in this directory?"
-            )
-        try:
-            save_file(self._buffer, str(tmp), metadata=dict(_SAFETENSORS_METADATA))
-            _fsync_path(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            raise
-        for name in self._buffer:
-            self._key_to_part[name] = part
-        self.files.append(part)
-        self._buffer = {}
-        self._buffer_bytes = 0
-        self._buffer_storages = set()
+    def _commit_sealed(self) -> None:
+        sealed = self._sealed
+        if sealed is None:
+            return
+        digest = sealed.commit()
+        self._sealed = None
+        self.digests[sealed.part] = {"bytes": sealed.size, "sha256": digest}
+
+    def _abort(self) -> None:
+        for part in (self._part, self._sealed):
+            if part is not None:
+                part.discard()
+        if self._sealed is not None and self._sealed.part in self.files:
+            self.files.remove(self._sealed.part)
+        self._part = self._sealed = None
+        self._closed = True
+
+
+def final_shard_names(parts) -> dict[str, str]:
+    """``{part filename: published name}`` for the merged part files of every writer: parts
+    are numbered in sorted order, ``model-{k:05d}-of-{n:05d}.safetensors``.  Use it to carry
+    ``ShardWriter.digests`` over to the names :func:`finalize_shards` gives the files."""
+    parts = sorted(set(parts))
+    return {part: hf_shard_name(k, len(parts)) for k, part in enumerate(parts, start=1)}
 
 
 def _read_safetensors_header(path: Path) -> dict:
@@ -276,8 +633,7 @@ def finalize_shards(
     if (directory / INDEX_NAME).exists():
         raise FileExistsError(f"{directory / INDEX_NAME} already exists; shards were already finalized?")
 
-    n = len(parts)
-    rename = {part: hf_shard_name(k, n) for k, part in enumerate(parts, start=1)}
+    rename = final_shard_names(parts)
     for part, target in rename.items():
         if target != part and target not in rename and (directory / target).exists():
             raise FileExistsError(f"cannot rename {part} to {target}: {directory / target} already exists")
