@@ -18,7 +18,7 @@ from . import mappings as mk
 from .experts import _num_local_experts, detect_layout, iter_experts
 from .parallel import Group, ParallelLayout
 from .rules.base import IGNORED_SUFFIXES, ArchMismatchError, ArchRule, Entry, ModelInfo
-from .source import LayerRef, iter_layers, model_attrs, named_tensors
+from .source import LayerRef, final_norm, hybrid_layer_types, iter_layers, model_attrs, named_tensors
 
 QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 
@@ -69,7 +69,10 @@ def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
     cfg = chunks[0].config
     attrs = model_attrs(chunks)
     moe_layers: list[int]
-    if getattr(cfg, "num_moe_experts", None):
+    layer_types = hybrid_layer_types(chunks)
+    if layer_types is not None:  # MambaModel: MoE exactly where the hybrid pattern says "E"
+        moe_layers = [i for i, t in enumerate(layer_types) if t == "E"]
+    elif getattr(cfg, "num_moe_experts", None):
         freq = getattr(cfg, "moe_layer_freq", 1)
         n = cfg.num_layers
         if isinstance(freq, int):
@@ -80,7 +83,7 @@ def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
         moe_layers = []
     has_shared = bool(getattr(cfg, "moe_shared_expert_intermediate_size", None))
     has_bias = bool(getattr(cfg, "moe_router_enable_expert_bias", False))
-    return ModelInfo(cfg, attrs, moe_layers, cfg.num_layers, has_shared, has_bias)
+    return ModelInfo(cfg, attrs, moe_layers, cfg.num_layers, has_shared, has_bias, layer_types=layer_types)
 
 
 def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPlan:
@@ -103,11 +106,11 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
     for chunk in chunks:
         if not getattr(chunk, "post_process", True):
             continue
-        fl = getattr(chunk.decoder, "final_layernorm", None)
+        fl, fl_name = final_norm(chunk.decoder)
         if fl is not None:
-            plan.jobs.append(Job("decoder.final_layernorm.weight", (rule.final_norm,), mk.rename, fl.weight, None, layout.tp, False, dense_owner))
+            plan.jobs.append(Job(f"{fl_name}.weight", (rule.final_norm,), mk.rename, fl.weight, None, layout.tp, False, dense_owner))
             if getattr(fl, "bias", None) is not None:
-                plan.jobs.append(Job("decoder.final_layernorm.bias", (rule.final_norm_bias,), mk.rename, fl.bias, None, layout.tp, False, dense_owner))
+                plan.jobs.append(Job(f"{fl_name}.bias", (rule.final_norm_bias,), mk.rename, fl.bias, None, layout.tp, False, dense_owner))
         out = getattr(chunk, "output_layer", None)
         if out is not None and not info.attrs["tie_word_embeddings"]:
             w = out.weight
@@ -134,13 +137,20 @@ def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
         glu = entry.kind is mk.glu_split
         if glu and not gated:
             raise ArchMismatchError(f"layer {ref.index}: `{name}` is not gated but arch {rule.model_type!r} expects gate/up")
+        tp_dim = _tp_dim(tensor)
+        kind = entry.kind
+        bind = getattr(kind, "bind_tp", None)
+        if bind is not None:
+            # a kind whose row order depends on how the tensor is split (fused projections
+            # whose every TP shard holds a slice of each part, e.g. Mamba's in_proj)
+            kind = bind(plan.info, layout.tp.size if tp_dim is not None else 1)
         plan.jobs.append(
             Job(
                 f"layer {ref.index} {name}",
                 targets,
-                entry.kind,
+                kind,
                 tensor,
-                _tp_dim(tensor),
+                tp_dim,
                 layout.tp,
                 glu,
                 layout.owns_dense,

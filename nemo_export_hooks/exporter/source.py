@@ -10,7 +10,7 @@ done here, once, by structure (attribute names), without importing any of those 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -86,7 +86,82 @@ def model_attrs(chunks: list[torch.nn.Module]) -> dict:
         "position_embedding_type": getattr(first, "position_embedding_type", "rope"),
         "tie_word_embeddings": bool(getattr(first, "share_embeddings_and_output_weights", False)),
         "rope_scaling": bool(getattr(first, "rotary_scaling", False)),
+        "mamba": mamba_dims(chunks),
     }
+
+
+def hybrid_layer_types(chunks: list[torch.nn.Module]) -> Optional[list[str]]:
+    """The type of every global layer of a hybrid ``MambaModel`` (``"M"`` Mamba, ``"*"``
+    attention, ``"-"`` MLP, ``"E"`` MoE), or None for a model without a hybrid stack.
+
+    Read from the model's ``hybrid_override_pattern`` (``"|"`` pipeline separators dropped,
+    anything after ``"/"`` -- multi-token-prediction layers -- ignored), else recomputed from
+    its attention/MLP ratios by Megatron's own allocator: a pipeline stage holds only its
+    slice in ``decoder.layer_type_list``."""
+    first = chunks[0]
+    dec = getattr(first, "decoder", None)
+    if dec is None or not hasattr(dec, "layer_type_list"):
+        return None
+    n = int(first.config.num_layers)
+    pattern = getattr(first, "hybrid_override_pattern", None) or getattr(dec, "hybrid_override_pattern", None)
+    if pattern:
+        types = [c for c in str(pattern).split("/")[0] if c != "|"]
+    elif len(chunks) == 1 and len(dec.layer_type_list) == n:
+        types = list(dec.layer_type_list)
+    else:
+        from megatron.core.ssm.mamba_hybrid_layer_allocation import allocate_layers
+
+        types = list(allocate_layers(n, dec.hybrid_attention_ratio, dec.hybrid_mlp_ratio, None))
+    if len(types) != n:
+        raise ValueError(f"hybrid layer pattern {pattern!r} has {len(types)} layers, the model {n}")
+    return types
+
+
+def mamba_dims(chunks: list[torch.nn.Module]) -> Optional[dict]:
+    """Shape of the model's Mamba mixers, read from the first ``MambaMixer`` this rank holds
+    (by structure); ranks without one derive it from ``TransformerConfig`` and the mixer's
+    defaults (``"from_config": True``).  None for a model without Mamba layers."""
+    types = hybrid_layer_types(chunks)
+    if not types or "M" not in types:
+        return None
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            m = getattr(layer, "mixer", None)
+            if m is not None and hasattr(m, "A_log") and hasattr(m, "conv1d"):
+                norm = getattr(m, "norm", None)
+                return {
+                    "nheads": int(m.nheads),
+                    "headdim": int(m.headdim),
+                    "ngroups": int(m.ngroups),
+                    "d_state": int(m.d_state),
+                    "d_inner": int(m.d_inner),
+                    "d_conv": int(m.d_conv),
+                    "chunk_size": int(getattr(m, "chunk_size", 128)),
+                    "conv_bias": m.conv1d.bias is not None,
+                    "rmsnorm": bool(getattr(m, "rmsnorm", True)),
+                    "norm_before_gate": bool(getattr(m, "norm_before_gate", False)),
+                    "D_has_hdim": bool(getattr(m, "D_has_hdim", False)),
+                    "norm_eps": float(getattr(norm, "eps", 1e-5)) if norm is not None else None,
+                    "from_config": False,
+                }
+    c = chunks[0].config
+    headdim = int(c.mamba_head_dim)
+    nheads = int(c.mamba_num_heads or c.hidden_size * 2 // headdim)
+    return {
+        "nheads": nheads, "headdim": headdim, "ngroups": int(c.mamba_num_groups), "d_state": int(c.mamba_state_dim),
+        "d_inner": nheads * headdim, "d_conv": 4, "chunk_size": 128, "conv_bias": True, "rmsnorm": True,
+        "norm_before_gate": False, "D_has_hdim": False, "norm_eps": 1e-5, "from_config": True,
+    }
+
+
+def final_norm(decoder: torch.nn.Module) -> tuple[Optional[torch.nn.Module], str]:
+    """The decoder's final norm and its Megatron name: ``final_layernorm`` (``TransformerBlock``)
+    or ``final_norm`` (``MambaStack``)."""
+    for name in ("final_layernorm", "final_norm"):
+        m = getattr(decoder, name, None)
+        if m is not None:
+            return m, f"decoder.{name}"
+    return None, "decoder.final_layernorm"
 
 
 def named_tensors(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

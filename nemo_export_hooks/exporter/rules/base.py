@@ -82,6 +82,9 @@ class ModelInfo:
     num_layers: int
     has_shared_experts: bool
     has_expert_bias: bool
+    # Hybrid (MambaModel) stacks: the type of every global layer, in Megatron's symbols
+    # ("M" Mamba, "*" attention, "-" MLP, "E" MoE); None for a GPTModel.
+    layer_types: Optional[list[str]] = None
 
 
 @dataclass

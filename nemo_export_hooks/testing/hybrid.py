@@ -1,0 +1,406 @@
+"""CPU builders for Megatron-Core's hybrid ``MambaModel`` (NemotronH-style stacks), from local
+modules, for tests.
+
+Megatron-Core's own ``mamba_stack_spec`` (``models/mamba/mamba_layer_specs.py``) is built from
+Transformer Engine modules only, so it cannot be built on CPU.  :func:`local_mamba_stack_spec`
+composes the same ``MambaStackSubmodules`` structure (Mamba / attention / MLP / MoE layers)
+from Megatron-Core's local modules instead: ``ColumnParallelLinear`` / ``RowParallelLinear``
+with the norm as a separate module (``norm``, ``input_layernorm``, ``pre_mlp_layernorm``).
+:func:`to_te_fused_norms` then moves those norms into the following linear the way Transformer
+Engine's ``LayerNormColumnParallelLinear`` names them (``mixer.in_proj.layer_norm_weight``,
+``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``), so the
+exporter's table is exercised with both naming schemes; the real TE modules are checked on the
+GPU device.
+
+Stand-ins, each only for what cannot exist on this CPU-only machine (none is used by the export
+path, which never imports this module):
+
+* ``triton`` (an import-level stub, only while ``megatron.core.ssm.mamba_mixer`` is first
+  imported, then removed from ``sys.modules`` again): ``mamba_mixer`` imports Megatron's
+  dynamic-inference Triton kernels at module level; they are never called here.
+* ``mamba_ssm`` / ``einops`` (while a model is constructed): ``MambaMixer.__init__`` refuses to
+  run without them (``HAVE_MAMBA_SSM``, ``HAVE_EINOPS``), and its gated norm class comes from
+  ``mamba_ssm.ops.triton.layernorm_gated.RMSNorm``.  :class:`GatedRMSNormStandIn` has that
+  class's state layout (``weight`` ``[d_inner_local]``, no bias) and computes the same function
+  (``norm_before_gate=False``: ``rmsnorm_per_group(x * silu(z)) * weight``).  Megatron's Mamba
+  *forward* still needs mamba_ssm's CUDA/Triton scan kernels and einops, so models with Mamba
+  layers are built (real ``MambaMixer`` parameters, shapes, TP attributes) but not run.
+* ``TENorm`` (``MambaStack.final_norm`` is hard-wired to it): the local ``WrappedTorchNorm``,
+  same state name (``final_norm.weight``).
+* ``TELinear`` (``MoELayer``'s latent projections ``fc1_latent_proj`` / ``fc2_latent_proj``, which
+  megatron-core 0.16 builds only with TE, ``parallel_mode="duplicated"``): :class:`TELinearStandIn`,
+  same state names (``weight``, ``bias``), not tensor-parallel, same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import types
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .cpu import TinySpec, _randomise_norms_and_biases, apply_cpu_shims, transformer_config
+
+# ---------------------------------------------------------------------------------------------
+# import-level stand-in: triton
+# ---------------------------------------------------------------------------------------------
+
+
+class _Anything:
+    """Placeholder for ``triton.language`` attributes used in kernel signatures."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *a, **k):
+        return self
+
+
+def _triton_stub() -> tuple[types.ModuleType, types.ModuleType]:
+    triton = types.ModuleType("triton")
+    tl = types.ModuleType("triton.language")
+    tl.__getattr__ = lambda name: _Anything()  # PEP 562 module __getattr__
+    triton.language = tl
+
+    def jit(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    triton.jit = jit
+    triton.autotune = lambda *a, **k: (lambda f: f)
+    triton.heuristics = lambda *a, **k: (lambda f: f)
+    triton.Config = lambda *a, **k: None
+    triton.cdiv = lambda a, b: -(-a // b)
+    triton.next_power_of_2 = lambda n: 1 << max(0, int(n) - 1).bit_length()
+    return triton, tl
+
+
+def import_mamba_mixer():
+    """Import ``megatron.core.ssm.mamba_mixer`` on a machine without triton.
+
+    The stub lives in ``sys.modules`` only during this import, so that nothing else (torch,
+    transformers) is led to believe triton is installed."""
+    name = "megatron.core.ssm.mamba_mixer"
+    if name in sys.modules:
+        return sys.modules[name]
+    if importlib.util.find_spec("triton") is not None:
+        return importlib.import_module(name)
+    triton, tl = _triton_stub()
+    sys.modules["triton"], sys.modules["triton.language"] = triton, tl
+    try:
+        return importlib.import_module(name)
+    finally:
+        for k in ("triton", "triton.language"):
+            if sys.modules.get(k) in (triton, tl):
+                del sys.modules[k]
+
+
+# ---------------------------------------------------------------------------------------------
+# construction-time stand-ins
+# ---------------------------------------------------------------------------------------------
+
+
+class GatedRMSNormStandIn(torch.nn.Module):
+    """``mamba_ssm.ops.triton.layernorm_gated.RMSNorm`` state layout and function, in torch."""
+
+    def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True, device=None, dtype=None):
+        super().__init__()
+        if device == "cpu" or (isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available()):
+            device = None
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+
+    def forward(self, x, z=None):
+        dtype = x.dtype
+        x = x.float()
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.float())
+        g = self.group_size or x.shape[-1]
+        xg = x.view(*x.shape[:-1], x.shape[-1] // g, g)
+        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = xg.view_as(x) * self.weight.float()
+        if z is not None and self.norm_before_gate:
+            out = out * F.silu(z.float())
+        return out.to(dtype)
+
+
+class TELinearStandIn(torch.nn.Module):
+    """TE ``Linear`` as Megatron's ``TELinear`` wraps it with ``parallel_mode="duplicated"``:
+    ``weight`` ``[out, in]`` (+ ``bias``), replicated on every rank; returns ``(out, None)``."""
+
+    def __init__(self, input_size, output_size, *, parallel_mode=None, config=None, init_method=None, bias=False,
+                 skip_bias_add=False, skip_weight_param_allocation=False, is_expert=False, **kwargs):
+        super().__init__()
+        assert parallel_mode == "duplicated", parallel_mode
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        if init_method is not None:
+            init_method(self.weight)
+        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
+        self.skip_bias_add = skip_bias_add
+
+    def get_extra_state(self):
+        return None
+
+    def set_extra_state(self, state):
+        pass
+
+    def forward(self, x):
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias), None
+
+
+def _local_norm_cls():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+@contextlib.contextmanager
+def _construction_standins() -> Iterator[None]:
+    """Patch the module globals listed in the module docstring, and restore them."""
+    from megatron.core.ssm import mamba_block
+    from megatron.core.transformer.moe import moe_layer
+
+    mixer = import_mamba_mixer()
+    from megatron.core.ssm import mamba_context_parallel as mcp
+
+    missing = object()
+    patches = [
+        (mixer, "HAVE_MAMBA_SSM", True),
+        (mixer, "HAVE_EINOPS", True),
+        (mcp, "HAVE_EINOPS", True),
+        (mixer, "ExtendedRMSNorm", GatedRMSNormStandIn),
+        (mamba_block, "TENorm", _local_norm_cls()),
+    ]
+    if not getattr(moe_layer, "HAVE_TE", False):
+        patches += [(moe_layer, "HAVE_TE", True), (moe_layer, "TELinear", TELinearStandIn)]
+    if getattr(mixer, "HAVE_MAMBA_SSM", False):  # real mamba_ssm and einops: keep them
+        patches = [p for p in patches if p[0] not in (mixer, mcp)]
+    saved = [(m, k, getattr(m, k, missing)) for m, k, _ in patches]
+    try:
+        for m, k, v in patches:
+            setattr(m, k, v)
+        yield
+    finally:
+        for m, k, v in saved:
+            if v is missing:
+                delattr(m, k)
+            else:
+                setattr(m, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# the local hybrid stack spec and the model builder
+# ---------------------------------------------------------------------------------------------
+
+
+def local_mamba_stack_spec(num_experts: Optional[int]):
+    """``MambaStackSubmodules`` of ``mamba_stack_spec`` with local modules (see module doc)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    try:
+        from megatron.core.transformer.transformer_layer import MoETransformerLayer
+    except ImportError:  # megatron-core < 0.16
+        MoETransformerLayer = TransformerLayer
+
+    mixer_mod = import_mamba_mixer()
+    norm = _local_norm_cls()
+    moe_layer = None
+    if num_experts:
+        moe_layer = ModuleSpec(
+            module=MoETransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                pre_mlp_layernorm=norm,
+                mlp=get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        )
+    sub = MambaStackSubmodules(
+        mamba_layer=ModuleSpec(
+            module=MambaLayer,
+            submodules=MambaLayerSubmodules(
+                norm=norm,
+                mixer=ModuleSpec(
+                    module=mixer_mod.MambaMixer,
+                    submodules=mixer_mod.MambaMixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+                ),
+                mamba_bda=get_bias_dropout_add,
+            ),
+        ),
+        attention_layer=ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                input_layernorm=norm,
+                self_attention=ModuleSpec(
+                    module=SelfAttention,
+                    params={"attn_mask_type": AttnMaskType.causal},
+                    submodules=SelfAttentionSubmodules(
+                        linear_qkv=ColumnParallelLinear,
+                        core_attention=DotProductAttention,
+                        linear_proj=RowParallelLinear,
+                    ),
+                ),
+                self_attn_bda=get_bias_dropout_add,
+            ),
+        ),
+        mlp_layer=ModuleSpec(
+            module=MLPLayer,
+            submodules=TransformerLayerSubmodules(
+                pre_mlp_layernorm=norm,
+                mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+                mlp_bda=get_bias_dropout_add,
+            ),
+        ),
+    )
+    if moe_layer is not None:
+        sub.moe_layer = moe_layer
+    return ModuleSpec(module=MambaStack, submodules=sub)
+
+
+def nemotron_h_spec(pattern: str, **kw) -> TinySpec:
+    """A tiny NemotronH-like model: squared-ReLU non-gated MLPs and experts, no rope, no
+    qk-norm, RMSNorm eps 1e-5 (Mamba's gated norm is hard-wired to it), sigmoid router with
+    expert bias, shared experts, 8 Mamba heads of 8 in 2 groups with state 16."""
+    extra = dict(mamba_state_dim=16, mamba_head_dim=8, mamba_num_groups=2, mamba_num_heads=8,
+                 use_mamba_mem_eff_path=False, init_method_std=0.1)
+    extra.update(kw.pop("extra", {}))
+    base = dict(
+        num_layers=len(pattern),
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=8,
+        ffn_hidden_size=48,
+        vocab_size=96,
+        num_experts=4,
+        moe_ffn_hidden_size=24,
+        moe_router_topk=2,
+        moe_shared_expert_intermediate_size=40,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.0,
+        qk_layernorm=False,
+        gated_linear_unit=False,
+        activation="squared_relu",
+        layernorm_epsilon=1e-5,
+        extra=extra,
+    )
+    base.update(kw)
+    return TinySpec(**base)
+
+
+def build_mamba(spec: TinySpec, pattern: str, seed: int = 1234, position_embedding_type: str = "none", **config_overrides):
+    """Build a real Megatron-Core ``MambaModel`` with ``hybrid_override_pattern=pattern`` from
+    the local stack spec, on CPU.  Parallel state must be initialised.  Norms, biases, the
+    Mamba ``A_log`` / ``D`` / ``dt_bias`` and the router expert bias get distinct values, so a
+    swapped tensor cannot go unnoticed."""
+    from megatron.core.models.mamba import MambaModel
+
+    apply_cpu_shims()
+    cfg = transformer_config(spec, **config_overrides)
+    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None)
+    torch.manual_seed(seed)
+    with _construction_standins():
+        model = MambaModel(
+            config=cfg,
+            mamba_stack_spec=stack,
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_seq_len,
+            hybrid_override_pattern=pattern,
+            share_embeddings_and_output_weights=spec.tie_embeddings,
+            position_embedding_type=position_embedding_type,
+            rotary_base=int(spec.rotary_base),
+        )
+    _randomise_norms_and_biases(model, seed)
+    g = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer Engine naming of the fused norms
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerNormLinearStandIn(torch.nn.Module):
+    """State names of TE ``LayerNormColumnParallelLinear`` (RMSNorm): ``layer_norm_weight`` and
+    the linear's ``weight`` (+ ``bias``), with the linear's tensor-parallel attributes; computes
+    ``linear(rmsnorm(x))`` and returns ``(out, None)`` like Megatron's wrapper."""
+
+    def __init__(self, norm: torch.nn.Module, linear: torch.nn.Module):
+        super().__init__()
+        self.config = getattr(linear, "config", None)
+        self.eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
+        self.layer_norm_weight = torch.nn.Parameter(norm.weight.detach().clone())
+        w = torch.nn.Parameter(linear.weight.detach().clone())
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+            if hasattr(linear.weight, attr):
+                setattr(w, attr, getattr(linear.weight, attr))
+        self.weight = w
+        b = getattr(linear, "bias", None)
+        self.bias = torch.nn.Parameter(b.detach().clone()) if isinstance(b, torch.Tensor) else None
+        self.skip_bias_add = bool(getattr(linear, "skip_bias_add", False))
+
+    def get_extra_state(self):
+        return None
+
+    def set_extra_state(self, state):
+        pass
+
+    def forward(self, x, *args, **kwargs):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = (h * self.layer_norm_weight.float()).to(x.dtype)
+        if self.skip_bias_add:
+            return F.linear(h, self.weight), self.bias
+        return F.linear(h, self.weight, self.bias), None
+
+
+def to_te_fused_norms(model) -> list[str]:
+    """Move each layer's pre-norm into the following linear the way the TE hybrid spec holds
+    it (Mamba ``norm`` -> ``mixer.in_proj.layer_norm_weight``, attention ``input_layernorm`` ->
+    ``self_attention.linear_qkv.layer_norm_weight``, MLP-layer ``pre_mlp_layernorm`` ->
+    ``mlp.linear_fc1.layer_norm_weight``); MoE layers keep their separate ``pre_mlp_layernorm``
+    (``TENorm`` in the TE spec).  Same function.  Returns the new Megatron names."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    names = []
+    for layer in model.decoder.layers:
+        i = int(layer.layer_number) - 1
+        mixer = getattr(layer, "mixer", None)
+        attn = getattr(layer, "self_attention", None)
+        mlp = getattr(layer, "mlp", None)
+        if mixer is not None and not isinstance(layer.norm, IdentityOp):
+            mixer.in_proj = LayerNormLinearStandIn(layer.norm, mixer.in_proj)
+            layer.norm = IdentityOp()
+            names.append(f"{i}: mixer.in_proj.layer_norm_weight")
+        elif attn is not None and hasattr(attn, "linear_qkv") and not isinstance(layer.input_layernorm, IdentityOp):
+            attn.linear_qkv = LayerNormLinearStandIn(layer.input_layernorm, attn.linear_qkv)
+            layer.input_layernorm = IdentityOp()
+            names.append(f"{i}: self_attention.linear_qkv.layer_norm_weight")
+        elif mlp is not None and not hasattr(mlp, "experts") and not isinstance(layer.pre_mlp_layernorm, IdentityOp):
+            mlp.linear_fc1 = LayerNormLinearStandIn(layer.pre_mlp_layernorm, mlp.linear_fc1)
+            layer.pre_mlp_layernorm = IdentityOp()
+            names.append(f"{i}: mlp.linear_fc1.layer_norm_weight")
+    return names
