@@ -304,6 +304,36 @@ def test_fused_mamba_projections_reordered_across_tp(tp):
         IN_PROJ(("t",), 10)
 
 
+def test_planner_binds_the_tp_size(mcore):
+    """Through the planner and ``convert``: a plan made under a (simulated) TP=2 layout turns
+    rank-ordered in_proj/conv1d shards of a model back into that model's tensors."""
+    from nemo_export_hooks.exporter import parallel
+    from nemo_export_hooks.exporter.execute import convert
+    from nemo_export_hooks.exporter.plan import attention_shape, build_plan
+    from nemo_export_hooks.exporter.source import unwrap_model
+
+    pattern = "M-"
+    m = build_mamba(nemotron_h_spec(pattern), pattern)
+    one = parallel.Group.single()
+    tp2 = parallel.Group(None, 0, 2)
+    layout = parallel.ParallelLayout(tp2, one, one, 0, 0, 0, 1, 0, 1)
+    plan = build_plan(unwrap_model(m), get_rule("nemotron_h"), layout)
+    mixer = m.decoder.layers[0].mixer
+    d, bc, nh = mixer.d_inner, mixer.ngroups * mixer.d_state, mixer.nheads
+    checked = 0
+    for job in plan.jobs:
+        if job.source.endswith(("in_proj.weight", "conv1d.weight", "conv1d.bias")):
+            sizes = [d, d, bc, bc, nh] if "in_proj" in job.source else [d, bc, bc]
+            full = job.tensor.detach()  # this model's (TP=1) tensor, in HF order
+            parts = full.split(sizes)
+            gathered = torch.cat([torch.cat([p.chunk(2)[r] for p in parts]) for r in range(2)])
+            assert not torch.equal(gathered, full)
+            ((name, t),) = list(convert(job, gathered, None, torch.float32, attention_shape(m.config)))
+            assert name == job.targets[0] and torch.equal(t, full), job.source
+            checked += 1
+    assert checked == 3
+
+
 @pytest.mark.parametrize(
     "pattern,kw,build_kw,words",
     [
@@ -358,8 +388,15 @@ def _calibrate_each_linear(model, seed=0):
             mod(x)
 
 
-@pytest.mark.parametrize("recipe", ["MAMBA_MOE_NVFP4_CONSERVATIVE_CFG", "NVFP4_DEFAULT_CFG"])
-def test_quantized_nemotron_h(mcore, tmp_path, recipe):
+@pytest.mark.parametrize(
+    "recipe,layout",
+    [
+        ("MAMBA_MOE_NVFP4_CONSERVATIVE_CFG", "sequential"),
+        ("NVFP4_DEFAULT_CFG", "sequential"),
+        ("MAMBA_MOE_FP8_CONSERVATIVE_CFG", "te_grouped"),
+    ],
+)
+def test_quantized_nemotron_h(mcore, tmp_path, recipe, layout):
     mtq = pytest.importorskip("modelopt.torch.quantization")
     pattern = "M*-EM"
     # NVFP4 packs 16-element blocks of every input dim
@@ -367,16 +404,22 @@ def test_quantized_nemotron_h(mcore, tmp_path, recipe):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mtq.quantize(m, getattr(mtq, recipe), _calibrate_each_linear)
+    LAYOUTS[layout](m)  # TEGroupedMLP stand-in carries each expert's quantizer
     export_to_hf(m, tmp_path / "hf", arch="nemotron_h", dtype=torch.bfloat16)
     t = _read(tmp_path / "hf")
     hq = json.loads((tmp_path / "hf" / "hf_quant_config.json").read_text())["quantization"]
     excl = set(hq["exclude_modules"])
-    assert hq["quant_algo"] == "NVFP4"
-    # routed and shared experts are quantized in both recipes
+    algo = "FP8" if "FP8" in recipe else "NVFP4"
+    qdtype = torch.float8_e4m3fn if algo == "FP8" else torch.uint8
+    assert hq["quant_algo"] == algo
+    # routed and shared experts are quantized in every recipe, each expert with its own scale
+    scales = []
     for e in range(4):
-        assert t[f"backbone.layers.3.mixer.experts.{e}.up_proj.weight"].dtype == torch.uint8
-        assert f"backbone.layers.3.mixer.experts.{e}.up_proj.weight_scale_2" in t
-    assert t["backbone.layers.3.mixer.shared_experts.down_proj.weight"].dtype == torch.uint8
+        base = f"backbone.layers.3.mixer.experts.{e}.up_proj"
+        assert t[base + ".weight"].dtype == qdtype
+        scales.append(t[base + (".weight_scale_2" if algo == "NVFP4" else ".weight_scale")].item())
+    assert len(set(scales)) == 4
+    assert t["backbone.layers.3.mixer.shared_experts.down_proj.weight"].dtype == qdtype
     # what ModelOpt never quantizes stays in the export dtype and is excluded
     assert {"lm_head", "backbone.embeddings", "*.mixer.gate", "*.mixer.conv1d"} <= excl
     for k in ("backbone.layers.3.mixer.gate.weight", "backbone.layers.0.mixer.conv1d.weight", "backbone.embeddings.weight", "lm_head.weight"):
@@ -391,8 +434,9 @@ def test_quantized_nemotron_h(mcore, tmp_path, recipe):
         ref = m.decoder.layers[0].mixer.in_proj.weight.detach().to(torch.bfloat16)
         assert torch.equal(t[in_proj + ".weight"], ref)
     else:  # NVFP4_DEFAULT quantizes them: packed with their own scales, not excluded
-        assert t[in_proj + ".weight"].dtype == torch.uint8 and in_proj + ".weight_scale" in t
-        assert in_proj not in excl
+        assert t[in_proj + ".weight"].dtype == qdtype and in_proj + ".weight_scale" in t
+        assert in_proj not in excl and "backbone.layers.1.mixer.q_proj" not in excl
+    assert not any(x.startswith("backbone.layers.3.mixer.experts") for x in excl)
     cfg = _cfg(tmp_path / "hf")
     assert cfg["quantization_config"]["quant_method"] == "modelopt"
     assert set(cfg["quantization_config"]["ignore"]) == excl

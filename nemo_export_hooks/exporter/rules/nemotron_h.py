@@ -192,6 +192,10 @@ def _check(info: ModelInfo) -> None:
     activation_name(c)  # raises on an activation HF cannot name
     require(not c.add_bias_linear and not c.add_qkv_bias, f"{m} has no biases on linear layers (add_bias_linear/add_qkv_bias)")
     require(
+        not getattr(c, "apply_residual_connection_post_layernorm", False),
+        f"{m} adds each layer's input (before its norm) to the residual; the model has apply_residual_connection_post_layernorm=True",
+    )
+    require(
         a["position_embedding_type"] == "none",
         f"{m} has no position embeddings (its attention has no rotary embedding); "
         f"the model has position_embedding_type={a['position_embedding_type']!r}",
