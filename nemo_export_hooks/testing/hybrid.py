@@ -108,8 +108,6 @@ class GatedRMSNormStandIn(torch.nn.Module):
 
     def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True, device=None, dtype=None):
         super().__init__()
-        if device == "cpu" or (isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available()):
-            device = None
         self.eps = eps
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
