@@ -65,7 +65,7 @@ TRASH_MARKER = ".trash-"
 _STAGING_RE = re.compile(r"^\.(?P<final>.+)" + re.escape(STAGING_MARKER) + r"[0-9a-f]{8}$")
 _TRASH_RE = re.compile(r"^\.(?P<final>.+)" + re.escape(TRASH_MARKER) + r"[0-9a-f]{8}$")
 _LATEST_TMP_RE = re.compile(r"^\.latest(\.txt)?\.tmp-[0-9a-f]{8}$")
-_RESERVED_KEYS = ("files", "producer", "created_utc", "manifest_version")
+_RESERVED_KEYS = ("files", "producer", "created_utc", "manifest_version", "manifest_sha256")
 _CHUNK = 1 << 20
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -330,8 +330,9 @@ def write_manifest(directory: PathLike, meta: dict, known: Optional[dict] = None
     """Write ``export_manifest.json`` into ``directory`` and return it.
 
     It holds ``meta`` plus ``files`` (``{relative posix path: {"bytes", "sha256"}}`` for every
-    file but the manifest), ``producer`` (name, package version), ``created_utc`` and
-    ``manifest_version``.  Write it last, after every other file is in place.
+    file but the manifest), ``producer`` (name, package version), ``created_utc``,
+    ``manifest_version`` and ``manifest_sha256`` (of the manifest itself, see
+    :func:`verify_export`).  Write it last, after every other file is in place.
 
     Shards are not read back when their digest is already known: ``known`` maps relative
     paths to ``{"bytes", "sha256"}`` computed while they were written (other ranks'
@@ -378,8 +379,16 @@ def write_manifest(directory: PathLike, meta: dict, known: Optional[dict] = None
             "files": files,
         }
     )
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     _atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without this field: a changed byte in the
+    manifest itself (a step, a producer) is caught too, not only changes to the files."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, indent=2, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _writer_digest(path: Path) -> Optional[str]:
@@ -497,6 +506,8 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
         if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
             problems.append(f"{MANIFEST_NAME} has no 'files' table")
             manifest = None
+        if manifest is not None and "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(manifest):
+            problems.append(f"{MANIFEST_NAME} was modified after it was written (its manifest_sha256 does not match)")
 
     listed: dict = manifest["files"] if manifest else {}
     for rel, info in sorted(listed.items()):

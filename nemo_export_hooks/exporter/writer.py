@@ -241,26 +241,57 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
 
 
 class _Hasher(threading.Thread):
-    """sha256 of a file region, read back with ``pread`` (from the page cache: the bytes were
-    just written) in a thread of its own; ``hashlib`` releases the GIL, so this overlaps the
-    caller's next writes or the part's fsync."""
+    """sha256 of a growing file region, read back with ``pread`` (from the page cache: the
+    bytes were just written) in a thread of its own; ``hashlib`` releases the GIL, so this
+    overlaps the writer.  It hashes up to the byte the writer has reported (:meth:`advance`)
+    and stops at the final size (:meth:`finish`), so with a header known up front it follows
+    the writer instead of starting after it."""
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: Optional[int] = None):
         super().__init__(daemon=True, name="shard-sha256")
-        self.fd, self.size = fd, size
+        self.fd = fd
+        self.limit = size or 0
+        self.final = size
+        self.cancelled = False
+        self.cond = threading.Condition()
         self.digest: Optional[str] = None
         self.error: Optional[BaseException] = None
+
+    def advance(self, limit: int) -> None:
+        with self.cond:
+            self.limit = limit
+            self.cond.notify()
+
+    def finish(self, size: int) -> None:
+        with self.cond:
+            self.limit = self.final = size
+            self.cond.notify()
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify()
+        if self.is_alive():
+            self.join()
 
     def run(self) -> None:
         try:
             h = hashlib.sha256()
-            buf = bytearray(min(_HASH_CHUNK, max(self.size, 1)))
+            buf = bytearray(_HASH_CHUNK)
             view = memoryview(buf)
             pos = 0
-            while pos < self.size:
-                n = _pread_into(self.fd, view[: min(len(buf), self.size - pos)], pos)
+            while True:
+                with self.cond:
+                    while not self.cancelled and pos >= self.limit and (self.final is None or pos < self.final):
+                        self.cond.wait()
+                    if self.cancelled:
+                        return
+                    if self.final is not None and pos >= self.final:
+                        break
+                    end = min(self.limit, pos + len(buf))
+                n = _pread_into(self.fd, view[: end - pos], pos)
                 if n <= 0:
-                    raise OSError(errno.EIO, f"unexpected end of file at byte {pos} of {self.size} while hashing")
+                    raise OSError(errno.EIO, f"unexpected end of file at byte {pos} while hashing")
                 h.update(view[:n])
                 pos += n
             self.digest = h.hexdigest()
@@ -275,11 +306,25 @@ class _Hasher(threading.Thread):
         return self.digest
 
 
+# Layouts of the parts written before, by the part's first tensor: an export repeats the
+# previous one's tensors (same model, same plan), so the header of a part is usually known
+# as soon as its first tensor arrives.  It is then written first and the hash follows the
+# writes; any difference from the prediction falls back to writing the header at the end.
+_LAYOUTS: "OrderedDict[tuple, list]" = OrderedDict()
+_LAYOUTS_LOCK = threading.Lock()
+_LAYOUTS_MAX = 1 << 12
+
+
+def _layout_key(prefix: str, max_bytes: int, name: str, dtype: str, shape) -> tuple:
+    return (prefix, max_bytes, name, dtype, tuple(shape))
+
+
 class _Part:
     """One part file being written: tensors are written where they will stay, behind a
-    reserved header; :meth:`seal` writes the header into the reserve."""
+    header written first when it is predictable (see ``_LAYOUTS``), else into a reserve at
+    :meth:`seal`."""
 
-    def __init__(self, directory: Path, part: str, reserve: int):
+    def __init__(self, directory: Path, part: str, reserve: int, predicted: Optional[list] = None):
         self.part = part
         self.final = directory / part
         self.tmp = directory / f".{part}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -298,19 +343,57 @@ class _Part:
         self._unsynced_from = 0  # data offset from which writeback has not been started
         self.size = 0
         self.hasher: Optional[_Hasher] = None
+        self.predicted: Optional[list] = None  # [(name, dtype, shape, nbytes)], header already written
+        self.rewritten = False
+        if predicted:
+            try:
+                self._write_predicted_header(predicted)
+            except BaseException:
+                self.discard()
+                raise
+
+    def _write_predicted_header(self, predicted: list) -> None:
+        entries, pos = [], 0
+        for name, dtype, shape, nbytes in predicted:
+            entries.append((name, dtype, list(shape), pos, pos + nbytes, 0))
+            pos += nbytes
+        exact = self._header(entries, None)
+        self.reserve = max(self.reserve, -(-len(exact) // _ALIGN) * _ALIGN)
+        header = self._header(entries, self.reserve)
+        _write_all(self.fd, memoryview(header), 0, self.final)
+        self.predicted = predicted
+        self.hasher = _Hasher(self.fd)
+        self.hasher.start()
+        self.hasher.advance(self.reserve)
+
+    def _mispredicted(self) -> None:
+        self.predicted = None
+        if self.hasher is not None:
+            self.hasher.cancel()
+            self.hasher = None
 
     def write(self, name: str, t: torch.Tensor) -> None:
         data = _byte_view(t)
         start = self.data_bytes
-        _write_all(self.fd, data, self.reserve + start, self.tmp)
+        dtype = _ST_DTYPES[t.dtype]
+        if self.predicted is not None:
+            i = len(self.entries)
+            if i >= len(self.predicted) or self.predicted[i][:3] != (name, dtype, tuple(t.shape)):
+                self._mispredicted()
+        _write_all(self.fd, data, self.reserve + start, self.final)
         itemsize = t.element_size()
         if itemsize and start % itemsize:
             self.aligned = False
-        self.entries.append((name, _ST_DTYPES[t.dtype], list(t.shape), start, start + len(data), itemsize))
+        self.entries.append((name, dtype, list(t.shape), start, start + len(data), itemsize))
         self.data_bytes += len(data)
+        if self.hasher is not None:
+            self.hasher.advance(self.reserve + self.data_bytes)
         if self.data_bytes - self._unsynced_from >= _CHUNK:
             _start_writeback(self.fd, self.reserve + self._unsynced_from, self.data_bytes - self._unsynced_from)
             self._unsynced_from = self.data_bytes
+
+    def layout(self) -> list:
+        return [(n, d, tuple(s), e - b) for n, d, s, b, e, _ in self.entries]
 
     def _header(self, entries, padded_to: Optional[int]) -> bytes:
         header: dict = {"__metadata__": dict(_SAFETENSORS_METADATA)}
@@ -325,13 +408,21 @@ class _Part:
         return struct.pack("<Q", len(raw)) + raw
 
     def seal(self) -> None:
-        """Write the header; start writeback of what is left and hashing of the whole file."""
+        """Complete the header and the hash (started now, or following the writes since the
+        header was predicted); start writeback of what is left."""
+        if self.predicted is not None and len(self.entries) == len(self.predicted):
+            self.size = self.reserve + self.data_bytes  # the header written first is exact
+            self.hasher.finish(self.size)
+            _start_writeback(self.fd, self.reserve + self._unsynced_from, self.data_bytes - self._unsynced_from)
+            return
+        self._mispredicted()
         header = self._header(self.entries, self.reserve) if self.aligned else b""
         if header:
-            _write_all(self.fd, memoryview(header), 0, self.tmp)
+            _write_all(self.fd, memoryview(header), 0, self.final)
             self.size = self.reserve + self.data_bytes
         else:  # the header outgrew its reserve, or a tensor is not aligned to its dtype
             self._rewrite()
+            self.rewritten = True
         _start_writeback(self.fd, 0, self.size)
         self.hasher = _Hasher(self.fd, self.size)
         self.hasher.start()
@@ -350,10 +441,10 @@ class _Part:
         fd2 = os.open(tmp2, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         src = os.open(self.tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            _write_all(fd2, memoryview(header), 0, tmp2)
+            _write_all(fd2, memoryview(header), 0, self.final)
             base = len(header)
             for _, _, _, new_start, new_end, _, old_start in moved:
-                _copy_range(src, self.reserve + old_start, fd2, base + new_start, new_end - new_start, tmp2)
+                _copy_range(src, self.reserve + old_start, fd2, base + new_start, new_end - new_start, self.final)
             os.replace(tmp2, self.tmp)
         except BaseException:
             os.close(fd2)
@@ -380,9 +471,9 @@ class _Part:
         return digest
 
     def discard(self) -> None:
-        """Drop this part: wait for a running hash, close, delete the temporary file."""
-        if self.hasher is not None and self.hasher.is_alive():
-            self.hasher.join()
+        """Drop this part: stop a running hash, close, delete the temporary file."""
+        if self.hasher is not None:
+            self.hasher.cancel()
         if self.fd is not None:
             try:
                 os.close(self.fd)
@@ -509,7 +600,10 @@ class ShardWriter:
             if self._part is not None and self._part.entries and self._part.data_bytes + nbytes > self.max_shard_bytes:
                 self._flush()
             if self._part is None:
-                self._part = _Part(self.directory, f"{self.prefix}-{len(self.files) + 1:05d}.safetensors", self._reserve)
+                key = _layout_key(self.prefix, self.max_shard_bytes, name, _ST_DTYPES[tensor.dtype], tensor.shape)
+                with _LAYOUTS_LOCK:
+                    predicted = _LAYOUTS.get(key)
+                self._part = _Part(self.directory, f"{self.prefix}-{len(self.files) + 1:05d}.safetensors", self._reserve, predicted)
             self._part.write(name, tensor)
         except BaseException:
             self._abort()
@@ -561,6 +655,13 @@ class ShardWriter:
         part.seal()
         self._sealed, self._part = part, None
         self.files.append(part.part)
+        if part.entries and not part.rewritten:
+            first = part.entries[0]
+            with _LAYOUTS_LOCK:
+                _LAYOUTS[_layout_key(self.prefix, self.max_shard_bytes, first[0], first[1], first[2])] = part.layout()
+                _LAYOUTS.move_to_end(_layout_key(self.prefix, self.max_shard_bytes, first[0], first[1], first[2]))
+                while len(_LAYOUTS) > _LAYOUTS_MAX:
+                    _LAYOUTS.popitem(last=False)
 
     def _commit_sealed(self) -> None:
         sealed = self._sealed
