@@ -581,3 +581,65 @@ def test_verify_cli_fails_on_any_corrupted_byte(zygote, tmp_path, work):
 
 def shards_of(p: Path) -> list[Path]:
     return sorted(p.glob("model-*.safetensors"))
+
+
+# -- the writer's own integrity ---------------------------------------------------------------
+def test_streamed_digests_match_the_files_whatever_the_layout(tmp_path):
+    """The manifest trusts the sha256 the writer computed while writing (no read-back): it
+    must equal the file's, for a first export (hashed after sealing), a repeated one (header
+    predicted, hashed from memory), a mispredicted one and a rewritten (misaligned) one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from nemo_export_hooks.exporter.writer import ShardWriter, known_digest
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.w": torch.randn(40, 30, generator=g).to(torch.bfloat16) for i in range(30)}
+    changed = dict(base)
+    changed["model.layers.7.w"] = torch.randn(41, 30, generator=g).to(torch.bfloat16)
+    mixed = dict(base)
+    mixed["model.layers.3.w"] = torch.tensor([1, 2, 3], dtype=torch.uint8)  # odd bytes: later bf16 misaligned
+    for n, tensors in enumerate([base, base, changed, mixed, mixed]):
+        d = tmp_path / f"r{n}"
+        d.mkdir()
+        w = ShardWriter(d, 10_000, prefix="rank00000")
+        for k, t in tensors.items():
+            w.add(k, t)
+        w.close()
+        loaded = {}
+        for f in w.files:
+            data = (d / f).read_bytes()
+            assert w.digests[f] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, (n, f)
+            assert known_digest(d / f) == w.digests[f]["sha256"]
+            loaded.update(load_file(str(d / f)))
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], t) for k, t in tensors.items())
+        assert sorted(p.name for p in d.iterdir()) == sorted(w.files)
+    (d / w.files[0]).write_bytes(b"changed")  # a file changed since: its digest is not trusted
+    assert known_digest(d / w.files[0]) is None
+
+
+def test_write_error_mid_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from nemo_export_hooks.exporter import writer as W
+
+    calls = {"n": 0}
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    w = W.ShardWriter(tmp_path, 1000, prefix="rank00003")
+    monkeypatch.setattr(W.os, "pwrite", pwrite)
+    with pytest.raises(OSError, match=r"cannot write rank00003-0000\d.safetensors in .*: No space left on device"):
+        for i in range(20):
+            w.add(f"t{i}", torch.randn(50))
+    monkeypatch.setattr(W.os, "pwrite", real)
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    with pytest.raises(RuntimeError, match="closed"):
+        w.add("again", torch.zeros(1))

@@ -330,6 +330,8 @@ class _StreamHasher(threading.Thread):
         with self.cond:
             while self.pending > _HASH_BACKLOG and not self.cancelled and self.error is None:
                 self.cond.wait()
+            if self.error is not None:
+                raise self.error
             self.queue.append(data)
             self.pending += len(data)
             self.cond.notify_all()
