@@ -7,7 +7,9 @@ being added) behind space reserved for the safetensors header, and starts a new 
 the next tensor would not fit.  A full part gets its header written into the reserve, its
 sha256 computed in a background thread from the page cache (for the manifest, so nobody
 reads the shards back afterwards) while the next part is written, then it is fsynced and
-renamed into place.  Writeback is started every 64 MiB (``sync_file_range`` on Linux), so
+renamed into place.  From the second export of the same model on, a part's header is known
+from the previous export's layout when its first tensor arrives: it is written first and
+the hash follows the writes instead of starting after them (any difference falls back).  Writeback is started every 64 MiB (``sync_file_range`` on Linux), so
 the disk works while later tensors are still being converted.
 
 Part files are named per writer (``{prefix}-{k:05d}.safetensors``, e.g.
@@ -140,7 +142,6 @@ for _name, _code in (
 
 _CHUNK = 64 << 20  # bytes per write() call, and how often writeback is started
 _HASH_CHUNK = 8 << 20
-_HASH_BACKLOG = 256 << 20  # bytes written but not yet hashed, held in memory (predicted parts)
 _ALIGN = 4096  # data region starts on a page boundary (mmap-friendly, all dtypes aligned)
 _MAX_HEADER_RESERVE = 1 << 20
 
@@ -307,82 +308,6 @@ class _Hasher(threading.Thread):
         return self.digest
 
 
-class _StreamHasher(threading.Thread):
-    """sha256 of bytes handed over in file order (:meth:`feed`), straight from the tensors'
-    memory: no read-back.  At most ``_HASH_BACKLOG`` bytes wait to be hashed (each holding
-    its tensor alive); beyond that :meth:`feed` waits, so memory stays bounded."""
-
-    def __init__(self):
-        super().__init__(daemon=True, name="shard-sha256")
-        from collections import deque
-
-        self.queue: "deque[memoryview]" = deque()
-        self.pending = 0
-        self.done = False
-        self.cancelled = False
-        self.cond = threading.Condition()
-        self.digest: Optional[str] = None
-        self.error: Optional[BaseException] = None
-
-    def feed(self, data: memoryview) -> None:
-        if not len(data):
-            return
-        with self.cond:
-            while self.pending > _HASH_BACKLOG and not self.cancelled and self.error is None:
-                self.cond.wait()
-            if self.error is not None:
-                raise self.error
-            self.queue.append(data)
-            self.pending += len(data)
-            self.cond.notify_all()
-
-    def finish(self, size: int = 0) -> None:
-        with self.cond:
-            self.done = True
-            self.cond.notify_all()
-
-    def cancel(self) -> None:
-        with self.cond:
-            self.cancelled = True
-            self.queue.clear()
-            self.cond.notify_all()
-        if self.is_alive():
-            self.join()
-
-    def run(self) -> None:
-        try:
-            h = hashlib.sha256()
-            while True:
-                with self.cond:
-                    while not self.queue and not self.done and not self.cancelled:
-                        self.cond.wait()
-                    if self.cancelled:
-                        return
-                    if not self.queue:
-                        break
-                    data = self.queue[0]
-                for i in range(0, len(data), _HASH_CHUNK):  # releases the GIL
-                    h.update(data[i : i + _HASH_CHUNK])
-                with self.cond:
-                    if self.queue and self.queue[0] is data:
-                        self.queue.popleft()
-                    self.pending -= len(data)
-                    self.cond.notify_all()
-                del data
-            self.digest = h.hexdigest()
-        except BaseException as e:  # reported by result()
-            self.error = e
-            with self.cond:
-                self.cond.notify_all()
-
-    def result(self) -> str:
-        self.join()
-        if self.error is not None:
-            raise self.error
-        assert self.digest is not None
-        return self.digest
-
-
 # Layouts of the parts written before, by the part's first tensor: an export repeats the
 # previous one's tensors (same model, same plan), so the header of a part is usually known
 # as soon as its first tensor arrives.  It is then written first and the hash follows the
@@ -419,7 +344,7 @@ class _Part:
         self.aligned = True
         self._unsynced_from = 0  # data offset from which writeback has not been started
         self.size = 0
-        self.hasher = None  # _Hasher (read back after sealing) or _StreamHasher (predicted header)
+        self.hasher: Optional[_Hasher] = None
         self.predicted: Optional[list] = None  # [(name, dtype, shape, nbytes)], header already written
         self.rewritten = False
         if predicted:
@@ -439,9 +364,9 @@ class _Part:
         header = self._header(entries, self.reserve)
         _write_all(self.fd, memoryview(header), 0, self.final)
         self.predicted = predicted
-        self.hasher = _StreamHasher()
+        self.hasher = _Hasher(self.fd)
         self.hasher.start()
-        self.hasher.feed(memoryview(header))
+        self.hasher.advance(self.reserve)
 
     def _mispredicted(self) -> None:
         self.predicted = None
@@ -464,7 +389,7 @@ class _Part:
         self.entries.append((name, dtype, list(t.shape), start, start + len(data), itemsize))
         self.data_bytes += len(data)
         if self.hasher is not None:
-            self.hasher.feed(data)
+            self.hasher.advance(self.reserve + self.data_bytes)
         if self.data_bytes - self._unsynced_from >= _CHUNK:
             _start_writeback(self.fd, self.reserve + self._unsynced_from, self.data_bytes - self._unsynced_from)
             self._unsynced_from = self.data_bytes
