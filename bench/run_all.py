@@ -35,16 +35,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import load_average, median, plot, wait_for_quiet  # noqa: E402
+from common import foreign_cpu, load_average, median, plot, wait_for_quiet  # noqa: E402
 
 TARGETS = {"throughput": 0.7, "stall": 1.5, "memory": 1.25}
 
 NOTES = """### How to read these numbers
 
-* Throughput ratios are medians of runs interleaved in one process (export, dd, export, dd...),
-  each after an `os.sync()`.  On a virtual machine the same 2 GB dd-like write + fsync can
-  take anywhere from 1.3 s to 7 s within the hour (host-side disk throttling and memory
-  backing), so compare ratios taken in the same run, never absolute GB/s across runs.
+* Throughput: exports and dd-like writes alternate in one process (export, dd, export,
+  dd...), each after an `os.sync()`; the target is judged on the median of the per-pair
+  ratios.  On this virtual machine the same 2.2 GB dd-like write + fsync took anywhere from
+  1.3 s to 7 s within one hour (host-side disk throttling; proactive memory reclaim makes
+  the first touch of memory after idle slow), so compare ratios from one run, never
+  absolute GB/s across runs.  Below ~1 GB the dd-like write lands in caches and is not
+  disk-bound, while the export is bound by its CPU work (casts/splits, page-cache copies,
+  sha256) on 2 cores.
 * `export_to_hf` includes everything a caller waits for: planning and the Hugging Face key
   check, converting (casts, QKV and gate/up splits), writing, fsync, the index, config and
   manifest (sha256 of every file; the shards' digests are computed while they are written),
@@ -63,10 +67,14 @@ NOTES = """### How to read these numbers
 """
 
 
+OTHERS: dict = {}  # part -> cores used by other processes just before it started
+
+
 def run_step(name: str, cmd: list[str], log: Path, timeout: int) -> float:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    OTHERS[name] = foreign_cpu(2.0)
     t0 = time.perf_counter()
-    print(f"== {name}: {' '.join(cmd[1:])}  (load {load_average():.2f})", flush=True)
+    print(f"== {name}: {' '.join(cmd[1:])}  (load {load_average():.2f}, other processes using {OTHERS[name]:.2f} cores)", flush=True)
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in p.stdout:  # show progress lines, keep everything in the log
@@ -99,17 +107,22 @@ def build_report(th: dict, st: dict, sc: list, meta: dict) -> tuple[str, dict]:
     ex, dd = median(main["export_s"]), median(main["dd_s"])
     b = main["baselines"]
     sf, sp = median(b["save_file_s"]), median(b["save_pretrained_s"])
-    verdict["throughput"] = dd / ex
+    pairs = sorted(d / e for e, d in zip(main["export_s"], main["dd_s"]))  # each export with the dd right after it
+    pair_ratio = median(pairs)
+    verdict["throughput"] = pair_ratio
     lines.append(f"Machine: {meta['cpus']} CPUs, {meta['platform']}; torch threads {th['threads']}; "
                  f"load average (1 min) at start of each part: throughput {th['load_start']:.2f}, stall {st['load_start']:.2f}, "
-                 f"scaling {meta['load_scaling']:.2f}; at the end {meta['load_end']:.2f}.  Run {meta['utc']}, total {meta['total_s']:.0f} s.")
+                 f"scaling {meta['load_scaling']:.2f}; at the end {meta['load_end']:.2f} (the load average counts the benchmark's own "
+                 f"processes too: a 2-thread training job alone brings it to ~2 on 2 cores).  Cores used by other processes just before "
+                 f"each part: " + ", ".join(f"{k} {v:.2f}" for k, v in meta.get("others", {}).items()) +
+                 f".  Run {meta['utc']}, total {meta['total_s']:.0f} s.")
     lines.append("")
     lines.append(f"### Throughput: export of a {gb:.2f} GB model (bf16, {main['shards']} shard(s) of <= 5 GB), 1 process, same filesystem")
     lines.append("")
     lines.append("| writer | seconds (median) | GB/s | / dd |")
     lines.append("|---|---:|---:|---:|")
     lines.append(f"| dd-like sequential write + fsync (64 MiB writes), same bytes | {dd:.2f} | {gb / dd:.2f} | 1.00 |")
-    lines.append(f"| **export_to_hf** (plan + HF key check + convert + write + fsync + commit + publish) | {ex:.2f} | {gb / ex:.2f} | **{fmt_ratio(dd / ex, TARGETS['throughput'], le=False)}** |")
+    lines.append(f"| **export_to_hf** (plan + HF key check + convert + write + fsync + commit + publish) | {ex:.2f} | {gb / ex:.2f} | {dd / ex:.2f} |")
     lines.append(f"| safetensors `save_file` of the mapped state dict, + fsync | {sf:.2f} | {gb / sf:.2f} | {dd / sf:.2f} |")
     lines.append(f"| transformers `save_pretrained` of the same HF model, + fsync | {sp:.2f} | {gb / sp:.2f} | {dd / sp:.2f} |")
     m = main["memory"]
@@ -118,16 +131,20 @@ def build_report(th: dict, st: dict, sc: list, meta: dict) -> tuple[str, dict]:
         lines.append(f"| export_to_hf, first export of the process (no layout to predict: shards hashed after writing) | {fs:.2f} | {gb / fs:.2f} | {dd / fs:.2f} |")
     ph = main["phases_s"]
     lines.append("")
+    lines.append(f"**export / dd, median of the {len(pairs)} export-then-dd pairs (each pair sees the same disk state): "
+                 f"{fmt_ratio(pair_ratio, TARGETS['throughput'], le=False)}**; pairs: {', '.join(f'{x:.2f}' for x in pairs)}.")
+    lines.append("")
     lines.append(f"export phases (median): plan incl. HF key check {ph.get('plan', 0):.2f} s (key check {ph.get('hf_key_check', 0):.2f} s), "
                  f"commit (index, manifest, publish) {ph.get('commit', 0):.2f} s, convert + write + fsync {ex - ph.get('plan', 0) - ph.get('commit', 0):.2f} s; "
                  f"runs: export {', '.join(f'{x:.2f}' for x in main['export_s'])} s, dd {', '.join(f'{x:.2f}' for x in main['dd_s'])} s.")
     lines.append("")
-    lines.append("| export GB | export GB/s | dd GB/s | export / dd |")
-    lines.append("|---:|---:|---:|---:|")
+    lines.append("| export GB | export GB/s | dd GB/s | export / dd (medians) | export / dd (median of pairs) |")
+    lines.append("|---:|---:|---:|---:|---:|")
     for r in th["sizes"]:
         g = r["bytes"] / 1e9
         e, d = median(r["export_s"]), median(r["dd_s"])
-        lines.append(f"| {g:.2f} | {g / e:.2f} | {g / d:.2f} | {d / e:.2f} |")
+        pr = median([dd_ / ex_ for ex_, dd_ in zip(r["export_s"], r["dd_s"])])
+        lines.append(f"| {g:.2f} | {g / e:.2f} | {g / d:.2f} | {d / e:.2f} | {pr:.2f} |")
 
     m = main["memory"]
     verdict["memory"] = m["sync_added"] / min(m["model_bytes"], m["largest_shard"])
@@ -244,6 +261,7 @@ def main(argv=None) -> int:
         "utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "total_s": time.perf_counter() - t0,
         "every": every,
+        "others": dict(OTHERS),
     }
     if not sc:
         sc = [{"ep": 1, "experts": 0, "total_bytes": 0, "seconds": float("nan"), "per_rank": [{"written_bytes": 1, "peak_bytes": 1}]}]
