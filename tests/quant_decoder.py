@@ -65,3 +65,12 @@ def decode(packed: dict) -> torch.Tensor:
     if packed["weight"].dtype == torch.float8_e4m3fn:
         return decode_fp8(packed["weight"], packed["weight_scale"])
     return packed["weight"].float()
+
+
+def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4 per-tensor scale (``weight_scale_2`` / ``input_scale``) as ModelOpt computes it on
+    the GPU, where QAT runs: ``amax / (6 * 448)`` on CUDA is a multiplication by the float32
+    reciprocal (measured on an H100, docs/GPU.md finding 2), one ulp off a true division for
+    some amax.  ModelOpt's helpers run on CPU tensors divide exactly, so CPU references are
+    built with this scale, not with theirs."""
+    return amax.float() * torch.tensor(1.0 / (6.0 * 448.0), dtype=torch.float32)

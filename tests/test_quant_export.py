@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quant_decoder import decode
+from quant_decoder import decode, nvfp4_global_scale
 from nemo_export_hooks import export_to_hf
 from nemo_export_hooks.testing.cpu import TinySpec, build_gpt, megatron_logits
 from nemo_export_hooks.testing.layouts import to_te_grouped
@@ -51,11 +51,11 @@ def _group(tensors, base):
 
 
 def _nvfp4_fake_quant(w, amax):
-    """ModelOpt's NVFP4 quantize->dequantize on CPU (its fake-quant kernel needs CUDA)."""
+    """ModelOpt's NVFP4 quantize->dequantize on CPU (its fake-quant kernel needs CUDA), with the
+    global scale as ModelOpt's GPU fake quant computes it (``nvfp4_global_scale``)."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-    wsf2 = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer
-    q, scale, scale2 = NVFP4QTensor.quantize(w.float(), 16, weights_scaling_factor_2=amax.float() / (6.0 * 448.0))
+    q, scale, scale2 = NVFP4QTensor.quantize(w.float(), 16, weights_scaling_factor_2=nvfp4_global_scale(amax))
     return q.dequantize(dtype=torch.float32, scale=scale, double_scale=scale2, block_sizes={-1: 16})
 
 
@@ -101,7 +101,7 @@ def test_quantized_experts_decode_to_modelopt_fake_quant(quantized, tmp_path):
                 # gate and up share one fused fc1 quantizer: same per-tensor scales
                 assert torch.equal(gate["weight_scale_2"], up["weight_scale_2"])
                 amax = expert.linear_fc1.weight_quantizer.amax.float()
-                torch.testing.assert_close(gate["weight_scale_2"], amax / (6 * 448), rtol=0, atol=0)
+                torch.testing.assert_close(gate["weight_scale_2"], nvfp4_global_scale(amax).reshape(gate["weight_scale_2"].shape), rtol=0, atol=0)
                 scales2.append(gate["weight_scale_2"].item())
             assert torch.equal(gate["input_scale"], up["input_scale"])
     if algo == "NVFP4":

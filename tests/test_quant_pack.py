@@ -16,18 +16,17 @@ from nemo_export_hooks.exporter.quant import (
     split_packed_rows,
 )
 
-from quant_decoder import decode, decode_fp8, decode_nvfp4, e2m1_value, e4m3fn_to_float, unpack_nibbles
+from quant_decoder import decode, decode_fp8, decode_nvfp4, e2m1_value, e4m3fn_to_float, nvfp4_global_scale, unpack_nibbles
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 
 
 def _nvfp4_reference(w: torch.Tensor, amax: torch.Tensor):
-    """ModelOpt's own NVFP4 quantize -> dequantize with the global scale ModelOpt's export
-    derives from a quantizer amax (``NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer``:
-    amax / (E2M1_MAX * E4M3_MAX) = amax / (6 * 448))."""
+    """ModelOpt's own NVFP4 quantize -> dequantize with the global scale ModelOpt derives from a
+    quantizer amax, amax / (6 * 448), computed as on the GPU (``nvfp4_global_scale``)."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-    scale_2 = amax.float() / (6.0 * 448.0)
+    scale_2 = nvfp4_global_scale(amax)
     qt, scale, scale_2 = NVFP4QTensor.quantize(w.clone(), 16, weights_scaling_factor_2=scale_2)
     deq = qt.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
     return qt._quantized_data, scale, scale_2, deq
@@ -236,6 +235,21 @@ def test_real_megatron_moe_model(which, request):
         packed = pack_weight(fc1.weight.detach(), spec, torch.bfloat16)
         fmt, mo_weight, mo_wsf, mo_wsf2, mo_isf = _modelopt_export(fc1)
         assert fmt == which
+        if algo == "NVFP4":
+            # ModelOpt's CPU helpers divide exactly; on the GPU (where QAT runs, and what the
+            # exporter matches) the global scales are amax * f32(1/2688): at most 1 ulp apart.
+            # Redo ModelOpt's export with the GPU scales, with ModelOpt's own quantizer.
+            from modelopt.torch.export import quant_utils as qu
+            from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+            gpu_wsf2 = nvfp4_global_scale(fc1.weight_quantizer._amax)
+            torch.testing.assert_close(gpu_wsf2.reshape(()), mo_wsf2.float().reshape(()), rtol=2 * 2**-23, atol=0)
+            mo_wsf = NVFP4QTensor.get_weights_scaling_factor(fc1.weight.detach(), 16, gpu_wsf2)[0]
+            mo_weight = qu.to_quantized_weight(fc1.weight.detach(), mo_wsf, fmt, gpu_wsf2, 16)
+            mo_wsf2 = gpu_wsf2
+            gpu_isf = nvfp4_global_scale(fc1.input_quantizer._amax)
+            torch.testing.assert_close(gpu_isf.reshape(-1), mo_isf.float().reshape(-1), rtol=2 * 2**-23, atol=0)
+            mo_isf = gpu_isf
         # byte-identical to ModelOpt's own unified-export tensors for this module
         assert torch.equal(_bits(packed["weight"]), _bits(mo_weight))
         assert torch.equal(_bits(packed["weight_scale"]).reshape(-1), _bits(mo_wsf).reshape(-1))

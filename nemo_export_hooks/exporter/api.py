@@ -218,7 +218,7 @@ def write_prepared(
     over ``group`` (default: the world); a background writer passes a group of its own.
     ``tensors`` may be a generator that gathers (sync) or a host snapshot (async)."""
     from ..publish import make_staging_dir, publish, write_manifest
-    from .writer import ShardWriter, finalize_shards, parse_size
+    from .writer import ShardWriter, final_shard_names, finalize_shards, parse_size
 
     t0 = time.perf_counter() if t0 is None else t0
     out_dir = Path(out_dir)
@@ -264,6 +264,8 @@ def write_prepared(
     except Exception as e:  # raised by the generator itself
         failure = failure or e
     if failure is not None:
+        if writer is not None:
+            writer.abort()  # no temporary part left behind, no hash thread still reading
         ok, message = False, f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
         log.error("HF export failed while writing %s: %s", out_dir, message)
         if parallel._world(group) == 1:
@@ -280,15 +282,21 @@ def write_prepared(
             shutil.rmtree(staging, ignore_errors=True)
         raise RuntimeError(f"HF export to {out_dir} failed: {message}")
 
-    maps = parallel.gather_objects((key_to_part, nbytes), group=group)
+    # Small metadata only: each rank's {tensor: part file}, its byte count and the sha256 of
+    # the parts it wrote (hashed while writing), so rank 0 never reads other ranks' shards back.
+    maps = parallel.gather_objects((key_to_part, nbytes, dict(writer.digests)), group=group)
     result_or_err = None
     if rank0:
         try:
             merged: dict[str, str] = {}
+            digests: dict[str, dict] = {}
             total = 0
-            for m, b in maps:
+            for m, b, d in maps:
                 merged.update(m)
+                digests.update(d)
                 total += b
+            renamed = final_shard_names(merged.values())
+            known = {renamed[part]: d for part, d in digests.items() if part in renamed}
             finalize_shards(staging, merged, total_size=total)
             _write_side_files(staging, prepared, tokenizer)
             manifest = {
@@ -300,7 +308,7 @@ def write_prepared(
                 "quant_algo": prepared.quant_algo,
                 **(manifest_extra or {}),
             }
-            write_manifest(staging, manifest)
+            write_manifest(staging, manifest, known=known)
             publish(staging, out_dir, overwrite=overwrite)
             files = sorted(p.name for p in out_dir.iterdir())
             result_or_err = ("ok", len(merged), total, files)

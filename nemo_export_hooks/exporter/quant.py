@@ -56,6 +56,9 @@ NVFP4_BLOCK_SIZE = 16
 _E4M3_MAX = 448.0
 _E2M1_MAX = 6.0
 _NVFP4_GLOBAL_DIV = _E2M1_MAX * _E4M3_MAX  # 2688.0, exactly as ModelOpt's E2M1_MAX * E4M3_MAX
+# Its float32 reciprocal, applied as a multiplication (see _pack_nvfp4).  Not used for FP8: there
+# the plain division matches ModelOpt's FP8 fake-quant kernel exactly.
+_NVFP4_GLOBAL_RECIP = torch.tensor(1.0 / _NVFP4_GLOBAL_DIV, dtype=torch.float32)
 _E4M3_MIN_SUBNORMAL = 2.0**-9
 _FP8_CFG_HINT = "mtq.FP8_DEFAULT_CFG (FP8 per-tensor)"
 _NVFP4_CFG_HINT = "mtq.NVFP4_DEFAULT_CFG (NVFP4, 16-element blocks)"
@@ -438,8 +441,12 @@ def _pack_nvfp4(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
             "(vLLM rejects other sizes)"
         )
     amax = _checked_amax(spec, "weight", weight.device)
-    # Same float32 operations as ModelOpt's export: amax / (6 * 448).
-    scale_2 = amax / _NVFP4_GLOBAL_DIV
+    # amax * float32(1 / (6 * 448)): what ModelOpt computes on the GPU, where QAT runs (CUDA
+    # turns `tensor / scalar` into a multiplication by the float32 reciprocal; its fake-quant
+    # kernel and its export of a GPU-resident model agree on it).  A true IEEE division is one
+    # ulp off for some amax values, which moves e4m3 block scales that sit on a rounding
+    # midpoint (measured on an H100: docs/GPU.md, finding 2).
+    scale_2 = amax * _NVFP4_GLOBAL_RECIP
     if not float(scale_2 * _E4M3_MIN_SUBNORMAL) > 0.0:
         raise ValueError(f"{spec.where}: weight amax {float(amax)} is too small for NVFP4 scales")
     n_blocks = cols // block
@@ -457,7 +464,7 @@ def _pack_nvfp4(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
         scales[r0 : r0 + step] = s8
     out = {"weight": packed, "weight_scale": scales, "weight_scale_2": scale_2.clone()}
     if spec.input_amax is not None:
-        out["input_scale"] = _checked_amax(spec, "input", weight.device) / _NVFP4_GLOBAL_DIV
+        out["input_scale"] = _checked_amax(spec, "input", weight.device) * _NVFP4_GLOBAL_RECIP
     return out
 
 

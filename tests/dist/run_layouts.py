@@ -221,6 +221,12 @@ def run_layout(layout: C.Layout, ref_root: Path, out_root: Path, extra_checks=No
                 res["problems"].append(f"rank {r['rank']}: exporter peak {r['peak_bytes']} B > max shard {shard} + 2 x largest tensor {largest}")
         res["problems"] += compare_with_reference(out, ref)
         res["checks"]["tensors_bitwise_vs_ws1_export"] = True
+        # the manifest's sha256 of other ranks' shards came from those ranks (hashed while
+        # writing): it must match the bytes on disk
+        from nemo_export_hooks.publish import verify_export
+
+        res["problems"] += [f"verify: {p}" for p in verify_export(out)]
+        res["checks"]["manifest_verifies"] = True
         # logits
         got = hf_logits(out, tokens)
         d_ref = (got - ref_logits).abs().max().item()

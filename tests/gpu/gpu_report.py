@@ -23,17 +23,22 @@ def _metric(r: dict) -> str:
         return (f"argmax {r['argmax_agreement']:.2%} (min 99%); max|dlogit| {r['max_abs_diff']:.2e}; "
                 f"vs fp32 parent {r.get('hf_vs_fp32_argmax', float('nan')):.2%}{note}")
     if "quantized" in t:
-        ncpu = r.get("tensors_differing_from_modelopt_cpu_algo")
+        ncpu = r.get("tensors_differing_from_modelopt_reference", r.get("tensors_differing_from_modelopt_cpu_algo"))
         return (f"{','.join(r.get('exported_formats', []))}: vs ModelOpt fake quant "
                 f"{r['frac_elems_off']:.3%} elems off ({r.get('unexplained', '?')} not at rounding ties), "
-                f"max|d|/amax {r['max_abs_diff_over_amax']:.1e}; vs ModelOpt export algo: "
+                f"max|d|/amax {r['max_abs_diff_over_amax']:.1e}; vs ModelOpt export (nvfp4: GPU arithmetic, fp8: IEEE div): "
                 f"{'bit-exact' if ncpu == 0 else f'{ncpu} differ'}; vs ModelOpt GPU export: "
                 f"{r.get('tensors_differing_from_modelopt_gpu_export')} tensors differ "
                 f"(with amax*f32(1/d): {r.get('fix_tensors_differing_from_modelopt_gpu_export')}, "
                 f"fake-quant off {r.get('fix_frac_elems_off', float('nan')):.3%}){note}")
+    if "nccl_collectives" in t:
+        return f"NCCL collectives: {'ok' if r.get('ok') else 'FAILED ' + str(r.get('problems'))[:80]}"
     if "two_gpu" in t:
         return (f"{r.get('mode')} (tp{r.get('tp')} ep{r.get('ep')}): max|dlogit| {r['max_abs_diff']:.2e} (tol 5e-3); "
-                f"argmax {r['argmax_agreement']:.2%}{note}")
+                f"argmax {r['argmax_agreement']:.2%}; vs 1-GPU export: {r.get('vs_one_gpu_export', 'n/a')}{note}")
+    if "callback" in t:
+        return (f"{r.get('exports')} exports, last {r.get('last')}: max|dlogit| {r.get('max_abs_diff', float('nan')):.2e}; "
+                f"verify {r.get('verify', '?')}; train s/step {r.get('step_s', float('nan')):.3f}{note}")
     if "speed" in t:
         runs = r.get("runs", [])
         parts = [f"{x.get('threads')} threads {x.get('wall', 0):.2f} s = {x.get('gb_per_s', 0):.2f} GB/s" for x in runs]

@@ -50,3 +50,28 @@ def test_two_gpu_export(mode, tmp_path, request):
     print(r.stdout[-6000:])
     print(r.stderr[-6000:], file=sys.stderr)
     assert r.returncode == 0, f"torchrun {mode} exited {r.returncode}: {r.stdout[-800:]} {r.stderr[-1500:]}"
+
+
+def test_two_gpu_nccl_collectives(request):
+    """``exporter/parallel.py``'s collectives on NCCL, without Megatron (tests/dist/collectives.py:
+    gather_to_owner for several shapes/dtypes/split dims incl. gated fc1, all_ok/raise naming
+    the failing rank, gather_objects/broadcast_object, max_over)."""
+    import json
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(ROOT / "tests" / "dist" / "collectives.py"), "--backend", "nccl"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    print(r.stdout[-4000:])
+    print(r.stderr[-4000:], file=sys.stderr)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{") and '"ok"' in ln]
+    report = json.loads(lines[-1]) if lines else {}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_common as G
+
+    G.record(request.node.nodeid, ok=report.get("ok"), problems=report.get("problems", [])[:6], rc=r.returncode,
+             checks=report.get("checks"))
+    assert r.returncode == 0 and report.get("ok"), f"rc {r.returncode}: {report or r.stderr[-1500:]}"
