@@ -46,7 +46,17 @@ Resume
 Validation at setup (``setup`` / ``on_fit_start``, before step 0)
     the config (arch, dtype, templates, sizes, tokenizer directory), the model structure
     (``prepare_export`` once, with the full Hugging Face key check; ``expect_quant``), and
-    that every export directory is writable and local.
+    that every export directory is writable, local and not inside a training checkpoint.
+
+What an export may replace
+    Only an export this callback made itself (``owned``: this run's exports, and after a
+    resume those recorded in the training checkpoint).  An existing directory under the
+    export's name that is not ours (an earlier run's export sharing ``dirpath`` and names, a
+    user's directory, a symlink) is refused before anything is written: the export counts
+    as failed (``fail_on_error`` decides whether training goes on).  An export directory
+    inside a training checkpoint (NeMo/Lightning may delete or rotate that checkpoint, and
+    the export would change it) is refused at setup when it is already there, and checked
+    again before every export.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ except ImportError:  # pragma: no cover - lightning is an optional extra
 
 from .config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
 
-__all__ = ["HFExportCallback", "callbacks_from_cfg", "ExportConfig"]
+__all__ = ["HFExportCallback", "callbacks_from_cfg", "ExportConfig", "ExportRefusedError"]
 
 log = logging.getLogger("nemo_export_hooks")
 
@@ -261,6 +271,8 @@ class HFExportCallback(Callback):
         else:
             self._tokenizer = tok
         if cfg.dirpath is not None:
+            # before anything else touches the directory: refused at step 0, not at step N
+            _refuse_inside_checkpoint(Path(cfg.dirpath).expanduser())
             _check_writable(Path(cfg.dirpath).expanduser())
         self._init_dist()
         # The model may not exist yet (NeMo builds it in configure_model): then on_fit_start.
@@ -281,13 +293,15 @@ class HFExportCallback(Callback):
             self._tokenizer = _find_tokenizer(trainer, pl_module)
             if self._tokenizer is None:
                 log.info("hf_export: tokenizer='auto' found no tokenizer with save_pretrained; exports will have none")
-        # every directory exports may go to: writable, local; stale staging cleaned
+        # every directory exports may go to: writable, local, not inside a training
+        # checkpoint; stale staging cleaned
         dirs = self._export_dirs(trainer)
         for d in dirs:
             if "://" in str(d):
                 raise ValueError(
                     f"hf_export: checkpoints go to {d}, which is not a filesystem path; set hf_export.dirpath to a (shared) directory"
                 )
+            _refuse_inside_checkpoint(d)
             _check_writable(d)
         if trainer.is_global_zero:
             from .publish import clean_stale_staging
@@ -424,12 +438,30 @@ class HFExportCallback(Callback):
         t0 = time.perf_counter()
         err: Optional[BaseException] = None
         prepared = tensors = None
-        try:
-            prepared = prepare_export(self._model(trainer), cfg.arch, cfg.dtype, dict(cfg.hf_config_overrides), check_hf_keys=False)
-            tensors = prepared.host_snapshot() if cfg.async_write else prepared.tensors()
-        except Exception as e:
-            err = e
+        owned = list(self._owned)  # every earlier export was collected (_make_room) before this
+        # Refusals (the target is someone else's, or inside a training checkpoint) are decided
+        # by rank 0, which publishes, before the plan and the host copy: nothing is gathered,
+        # copied or written for an export that cannot be published.  All ranks must agree
+        # before the (collective) gathers start, hence the all_ok on the control group.
+        if self._rank == 0:
+            try:
+                _check_target(req, owned)
+            except Exception as e:
+                err = e
         if self._world > 1:
+            try:
+                msg = f"rank {self._rank}: {type(err).__name__}: {err}" if err else ""
+                parallel.all_ok(err is None, msg, group=self._ctl_group)
+            except Exception as e:
+                err = err or e
+        refused = err is not None  # the same on every rank after the agreement
+        if not refused:
+            try:
+                prepared = prepare_export(self._model(trainer), cfg.arch, cfg.dtype, dict(cfg.hf_config_overrides), check_hf_keys=False)
+                tensors = prepared.host_snapshot() if cfg.async_write else prepared.tensors()
+            except Exception as e:
+                err = e
+        if self._world > 1 and not refused:
             try:
                 msg = f"rank {self._rank}: {type(err).__name__}: {err}" if err else ""
                 parallel.all_ok(err is None, msg, group=self._ctl_group)
@@ -443,7 +475,6 @@ class HFExportCallback(Callback):
             self._finish(trainer, job)
             return
         manifest = self._manifest(trainer, req)
-        owned = list(self._owned)
         if cfg.async_write:
             job.blocking_s = time.perf_counter() - t0
             self._inflight = job
@@ -466,7 +497,10 @@ class HFExportCallback(Callback):
                 req.path,
                 tokenizer=self._tokenizer,
                 max_shard_size=_size(cfg.max_shard_size),
-                overwrite=True,  # only ever replaces an export of ours (publish checks the manifest)
+                # Replace only an export this callback made (_check_target refused the rest;
+                # this closes the race with another run creating the directory meanwhile).
+                # Publish also checks the manifest: never a directory that is not an export.
+                overwrite=str(req.path) in owned,
                 manifest_extra=manifest,
                 t0=job.t0,
                 group=self._write_group,
@@ -565,7 +599,9 @@ class HFExportCallback(Callback):
         self.failed += 1
         where = f" to {path}" if path is not None else ""
         msg = f"HF export of step {step}{where} failed: {type(error).__name__}: {error}"
-        if path is not None and self._rank == 0:
+        if path is not None and self._rank == 0 and not isinstance(error, ExportRefusedError):
+            # A refused export wrote nothing; the staging directories of that name may belong
+            # to another run's export in flight (a second run sharing dirpath): leave them.
             _remove_staging_of(path)
         self._log_metrics(trainer, {"hf_export/failed": float(self.failed)})
         if self.config.fail_on_error and raise_errors:
@@ -781,6 +817,86 @@ def _check_writable(d: Path) -> None:
         raise NotADirectoryError(f"hf_export: cannot create export directory {d}: {p} is not a directory")
     if not os.access(p, os.W_OK | os.X_OK):
         raise PermissionError(f"hf_export: export directory {d} is not writable ({p} is not writable)")
+
+
+class ExportRefusedError(ValueError):
+    """An export the callback refuses to write (nothing was written for it): its directory
+    is inside a training checkpoint, or its target exists and is not this run's export."""
+
+
+def _checkpoint_markers(d: Path) -> Optional[str]:
+    """What makes directory ``d`` a training checkpoint, or ``None``.
+
+    Checkpoint names are chosen by the checkpoint callback at save time, so they are
+    recognised by their layout: NeMo 2 (``weights/`` + ``context/io.json``), a
+    torch.distributed.checkpoint (``.metadata``), a Megatron distributed checkpoint
+    (``metadata.json`` + ``common.pt``), a Lightning checkpoint saved as a directory
+    (``*.ckpt``, sharded strategies)."""
+    try:
+        if d.name.endswith(".ckpt") and d.is_dir():
+            return "a Lightning checkpoint directory"
+        if (d / "weights").is_dir() and (d / "context" / "io.json").is_file():
+            return "a NeMo checkpoint: weights/ and context/io.json"
+        if (d / ".metadata").is_file():
+            return "a torch.distributed checkpoint: .metadata"
+        if (d / "metadata.json").is_file() and (d / "common.pt").is_file():
+            return "a Megatron distributed checkpoint: metadata.json and common.pt"
+    except OSError:  # an unreadable ancestor is not judged a checkpoint
+        return None
+    return None
+
+
+def _training_checkpoint_containing(d: Path, checkpoint: Optional[str] = None) -> Optional[tuple[Path, str]]:
+    """The training checkpoint ``d`` lies in (``d`` itself or an ancestor): ``checkpoint``
+    (the one being saved, whose path is known) or any existing directory laid out like one.
+    Symlinks are resolved, so a link into a checkpoint is caught too."""
+    real = Path(os.path.realpath(Path(d).expanduser()))
+    if checkpoint is not None and "://" not in str(checkpoint):
+        ck = Path(os.path.realpath(Path(str(checkpoint)).expanduser()))
+        if real == ck or ck in real.parents:
+            return ck, "the checkpoint being saved"
+    for p in (real, *real.parents):
+        if not p.is_dir():
+            continue  # not created yet: cannot be a checkpoint now
+        why = _checkpoint_markers(p)
+        if why is not None:
+            return p, why
+    return None
+
+
+def _refuse_inside_checkpoint(d: Path, checkpoint: Optional[str] = None) -> None:
+    """Raise if export directory ``d`` is inside a training checkpoint.  Such an export
+    would change the checkpoint, and the checkpoint manager (``save_top_k``, NeMo's
+    rotation) deletes it with the checkpoint."""
+    hit = _training_checkpoint_containing(d, checkpoint)
+    if hit is not None:
+        ck, why = hit
+        raise ExportRefusedError(
+            f"hf_export: export directory {d} is inside the training checkpoint {ck} ({why}); the checkpoint "
+            "manager may delete or rotate it with the export, and the export would change the checkpoint: "
+            "set hf_export.dirpath to a directory outside every training checkpoint"
+        )
+
+
+def _check_target(req: "_Request", owned: list) -> None:
+    """Rank 0, before an export starts: refuse a target inside a training checkpoint, and an
+    existing target this callback did not create (``owned``).  A second run sharing
+    ``dirpath`` and names must not replace the first run's exports; an empty directory holds
+    nothing to lose and is replaced as before."""
+    path = Path(req.path)
+    _refuse_inside_checkpoint(path.parent, req.checkpoint)
+    if str(path) in owned or not os.path.lexists(path):
+        return
+    try:
+        empty = path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        empty = False
+    if not empty:
+        raise ExportRefusedError(
+            f"refusing to write {path}: it exists and was not created by this run (an earlier run's export "
+            "sharing hf_export.dirpath and filename, or someone else's file); choose another dirpath or "
+            "filename, or remove it"
+        )
 
 
 def _remove_staging_of(final: Path) -> None:

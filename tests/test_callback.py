@@ -407,6 +407,42 @@ def test_state_dict_round_trip_and_state_key():
     assert other._done_steps == {1, 3}
 
 
+def test_checkpoint_detection_and_ownership_of_targets(tmp_path):
+    """The refusals behind two fault tests, without a trainer: an export directory inside a
+    training checkpoint (recognised by layout, or the checkpoint being saved), and an
+    existing target that this callback did not create."""
+    from nemo_export_hooks.callback import ExportRefusedError, _check_target, _Request, _training_checkpoint_containing
+
+    layouts = {
+        "nemo": {"weights/metadata.json": "{}", "context/io.json": "{}"},
+        "dcp": {".metadata": ""},
+        "megatron": {"metadata.json": "{}", "common.pt": ""},
+        "epoch=0-step=1.ckpt": {"checkpoint/shard": ""},
+    }
+    for name, files in layouts.items():
+        for rel, text in files.items():
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / rel).write_text(text)
+        hit = _training_checkpoint_containing(tmp_path / name / "hf" / "not-yet")
+        assert hit is not None and hit[0] == (tmp_path / name).resolve(), name
+    (tmp_path / "link").symlink_to(tmp_path / "nemo", target_is_directory=True)
+    assert _training_checkpoint_containing(tmp_path / "link" / "hf")[0] == (tmp_path / "nemo").resolve()
+    assert _training_checkpoint_containing(tmp_path / "ck" / "hf") is None  # the checkpoints directory is fine
+    assert _training_checkpoint_containing(tmp_path / "ck" / "x" / "hf", checkpoint=str(tmp_path / "ck" / "x")) is not None
+    with pytest.raises(ExportRefusedError, match="inside the training checkpoint"):
+        _check_target(_Request(1, 0, tmp_path / "nemo" / "hf" / "step=1", "checkpoint"), [])
+
+    d = tmp_path / "out"
+    (d / "empty").mkdir(parents=True)
+    (d / "theirs").mkdir()
+    (d / "theirs" / "config.json").write_text("{}")
+    _check_target(_Request(1, 0, d / "new", "checkpoint"), [])  # does not exist: fine
+    _check_target(_Request(1, 0, d / "empty", "checkpoint"), [])  # nothing to lose
+    _check_target(_Request(1, 0, d / "theirs", "checkpoint"), [str(d / "theirs")])  # ours: replaced
+    with pytest.raises(ExportRefusedError, match="was not created by this run"):
+        _check_target(_Request(1, 0, d / "theirs", "checkpoint"), [])
+
+
 def test_placement_auto_picks_subdir_for_nemo_checkpoint_callbacks(tmp_path):
     NeMoLike = type("ModelCheckpoint", (ModelCheckpoint,), {"__module__": "nemo.lightning.pytorch.callbacks.model_checkpoint"})
 

@@ -394,7 +394,6 @@ def test_permission_lost_mid_run_keeps_training_and_previous_export(zygote, unpr
     assert P.verify_export(d / "p-1") == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs the callback.py change in the fault-suite report: refuse a dirpath inside a training checkpoint")
 def test_output_inside_a_training_checkpoint_is_refused(zygote, tmp_path, work):
     d = tmp_path / "checkpoints"
     ckpt = make_training_checkpoint(d)
@@ -469,7 +468,6 @@ def test_second_run_cleanup_leaves_a_live_export_alone(zygote, tmp_path, work):
     assert P.verify_export(d / "a-100") == [] and hidden(d) == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs the callback.py change in the fault-suite report: overwrite only exports this callback made")
 def test_second_run_does_not_overwrite_the_first_runs_exports(zygote, tmp_path, work):
     d = tmp_path / "shared"
     first = zygote.run("train", d, work, train_args("x", d, 2, keep_last_k=None))
