@@ -61,10 +61,10 @@ def main(mode: str, out_dir: str, nodeid: str) -> int:
     tp, ep = {"ep2": (1, 2), "tp2": (2, 1)}[mode]
     root = Path(out_dir)
     spec = G.tiny_spec("qwen3_moe")
-    ids = G.tokens(spec.vocab_size, batch=4, seq=64)
 
     # 1. one-GPU reference (TP1 EP1, data parallel 2)
-    G.init_mcore_gpu(tp=1, ep=1)
+    G.init_mcore_gpu(tp=1, ep=1)  # sets this rank's CUDA device: tokens go there
+    ids = G.tokens(spec.vocab_size, batch=4, seq=64)
     rank = dist.get_rank()
     ref_model = G.build_te_gpt(spec, torch.float32)
     ref = G.megatron_logits(ref_model, ids)

@@ -103,6 +103,7 @@ def test_callback_lightning_te_grouped(tmp_path, request):
     diff = agree = float("nan")
     load_problems = {}
     if last is not None:
+        model.cuda()  # Lightning's teardown moved the module back to the CPU
         ids = G.tokens(spec.vocab_size, batch=4, seq=32)
         ref = G.megatron_logits(model, ids)
         hf, info = G.load_hf_gpu(last["path"], torch.float32)
