@@ -10,23 +10,15 @@ NeMo 2's ``MegatronStrategy`` is not used here: NeMo 2.7.3 needs megatron-core 0
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
 
+from gpu_skip import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA (run on the device: scripts/gpu_suite.sh)", allow_module_level=True)
-for _mod in ("transformer_engine.pytorch", "megatron.core", "lightning.pytorch"):
-    try:
-        if importlib.util.find_spec(_mod.split(".")[0]) is None:
-            raise ImportError(_mod)
-        __import__(_mod)
-    except Exception as _e:
-        pytest.skip(f"{_mod} not importable ({type(_e).__name__}: {_e})", allow_module_level=True)
+torch = require_gpu("transformer_engine.pytorch", "megatron.core", "lightning.pytorch")
 
 import lightning.pytorch as pl  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

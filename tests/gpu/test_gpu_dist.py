@@ -1,11 +1,12 @@
-"""Two GPUs (nvidia-h200-x2): a TEGroupedMLP Qwen3-MoE exported collectively under expert
-parallelism 2 and under tensor parallelism 2, loaded in transformers, logits compared with the
-Megatron forward (float32, max |diff| <= 5e-3).  Each case runs tests/gpu/gpu_dist_worker.py
-under torchrun; skipped with fewer than two GPUs."""
+"""Two GPUs (nvidia-h200-x2, NCCL): a TEGroupedMLP Qwen3-MoE exported collectively under expert
+parallelism 2 and under tensor parallelism 2 must be bit-exact with the one-GPU export of the
+same weights (resharded by Megatron's dist checkpointing) and give the one-GPU Megatron
+forward's logits in transformers (float32, max |diff| <= 5e-3); each case runs
+tests/gpu/gpu_dist_worker.py under torchrun.  Also the exporter's collectives on NCCL.
+Skipped with fewer than two GPUs."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -14,18 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from gpu_skip import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-    pytest.skip("needs 2 GPUs (nvidia-h200-x2)", allow_module_level=True)
-for _mod in ("transformer_engine.pytorch", "megatron.core"):
-    try:
-        if importlib.util.find_spec(_mod.split(".")[0]) is None:
-            raise ImportError(_mod)
-        __import__(_mod)
-    except Exception as _e:
-        pytest.skip(f"{_mod} not importable ({type(_e).__name__}: {_e})", allow_module_level=True)
+torch = require_gpu("transformer_engine.pytorch", "megatron.core", gpus=2)
 
 WORKER = Path(__file__).resolve().parent / "gpu_dist_worker.py"
 ROOT = Path(__file__).resolve().parents[2]

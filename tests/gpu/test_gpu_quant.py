@@ -5,23 +5,15 @@ global scales must follow each expert's ``weight_quantizer.{i}`` amax (not exper
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from gpu_skip import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA (run on the device: scripts/gpu_suite.sh)", allow_module_level=True)
-for _mod in ("transformer_engine.pytorch", "megatron.core", "modelopt.torch.quantization"):
-    try:
-        if importlib.util.find_spec(_mod.split(".")[0]) is None:
-            raise ImportError(_mod)
-        __import__(_mod)
-    except Exception as _e:
-        pytest.skip(f"{_mod} not importable ({type(_e).__name__}: {_e})", allow_module_level=True)
+torch = require_gpu("transformer_engine.pytorch", "megatron.core", "modelopt.torch.quantization")
 
 import gpu_common as G  # noqa: E402
 import gpu_quant_decode as D  # noqa: E402

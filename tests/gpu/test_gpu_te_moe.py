@@ -12,22 +12,14 @@ names transformers' ``save_pretrained`` writes for the class.
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
+from gpu_skip import require_gpu
+
 pytestmark = pytest.mark.gpu
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA (run on the device: scripts/gpu_suite.sh)", allow_module_level=True)
-for _mod in ("transformer_engine.pytorch", "megatron.core", "transformers"):
-    try:
-        if importlib.util.find_spec(_mod.split(".")[0]) is None:
-            raise ImportError(_mod)
-        __import__(_mod)
-    except Exception as _e:  # TE's import can fail with OSError when its libraries are missing
-        pytest.skip(f"{_mod} not importable ({type(_e).__name__}: {_e})", allow_module_level=True)
+torch = require_gpu("transformer_engine.pytorch", "megatron.core", "transformers")
 
 import gpu_common as G  # noqa: E402
 
