@@ -175,3 +175,13 @@ def test_export_leaves_quantizers_untouched(quantized, tmp_path):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
+
+
+def test_nvfp4_input_dim_not_multiple_of_16_fails_before_writing(mcore, tmp_path):
+    """Expert down_proj input dim 24: NVFP4's 16-blocks do not tile it; the planner refuses,
+    naming the module and the expert, before a staging directory exists."""
+    model = _quantize(mtq.NVFP4_DEFAULT_CFG, TinySpec(moe_ffn_hidden_size=24))
+    out = tmp_path / "hf"
+    with pytest.raises(ValueError, match=r"layer 0 expert 0 \(mlp.experts.local_experts.0.linear_fc2\): NVFP4 needs the input dim \(24\) to be a multiple of 16"):
+        export_to_hf(model, out, arch="qwen3_moe", dtype=torch.bfloat16)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -123,6 +123,7 @@ def _quant_summary(plan: ExportPlan) -> tuple[Optional[str], list[str]]:
                 spec = quant.read_quant_spec(j.quant_module, j.source, expert_index=j.quant_index)
             if spec is not None:
                 algos.add(spec.algo)
+                _check_packable(j, spec)
             elif j.tensor.dim() == 2:
                 plain.update(t[: -len(".weight")] for t in j.targets)
     except Exception as e:
@@ -142,6 +143,21 @@ def _quant_summary(plan: ExportPlan) -> tuple[Optional[str], list[str]]:
     patterns = list(plan.rule.quant_exclude)
     exclude = patterns + [m for m in all_plain if not any(fnmatch.fnmatchcase(m, p) for p in patterns)]
     return all_algos[0], exclude
+
+
+def _check_packable(job, spec) -> None:
+    """NVFP4 packs 16-element blocks along the input dim of the *gathered* weight: check its
+    width at planning time (the packer checks again), so a bad shape fails before staging."""
+    from .quant import NVFP4_BLOCK_SIZE
+
+    if spec.algo != "NVFP4" or job.tensor.dim() != 2:
+        return
+    cols = job.tensor.shape[1] * (job.group.size if job.tp_dim == 1 else 1)
+    if cols % NVFP4_BLOCK_SIZE:
+        raise ValueError(
+            f"{spec.where}: NVFP4 needs the input dim ({cols}) to be a multiple of {NVFP4_BLOCK_SIZE} "
+            "(vLLM rejects other sizes)"
+        )
 
 
 def _check_names(plan: ExportPlan, hf_config: dict) -> None:

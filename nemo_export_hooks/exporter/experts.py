@@ -103,8 +103,8 @@ def iter_experts(experts: torch.nn.Module, layer_index: int, expert_offset: int,
             yield ExpertView(
                 i,
                 g,
-                _linear(expert, "linear_fc1", 0, where),
-                _linear(expert, "linear_fc2", 1, where),
+                _linear(expert, "linear_fc1", 0, where, f"{name}.local_experts.{i}"),
+                _linear(expert, "linear_fc2", 1, where, f"{name}.local_experts.{i}"),
             )
     elif layout == "te_grouped":
         fc1, fc2 = experts.linear_fc1, experts.linear_fc2
@@ -140,7 +140,8 @@ def iter_experts(experts: torch.nn.Module, layer_index: int, expert_offset: int,
             )
 
 
-def _linear(expert: torch.nn.Module, attr: str, tp_dim: int, where: str) -> ExpertLinear:
+def _linear(expert: torch.nn.Module, attr: str, tp_dim: int, where: str, prefix: str) -> ExpertLinear:
+    """``where`` names layer and expert for errors; ``prefix.attr`` is the module's name."""
     lin = getattr(expert, attr, None)
     weight = getattr(lin, "weight", None) if lin is not None else None
     if weight is None:
@@ -148,4 +149,4 @@ def _linear(expert: torch.nn.Module, attr: str, tp_dim: int, where: str) -> Expe
     bias = getattr(lin, "bias", None)
     if not isinstance(bias, torch.Tensor):
         bias = None
-    return ExpertLinear(weight, bias, tp_dim, lin, None, f"{where}.{attr}")
+    return ExpertLinear(weight, bias, tp_dim, lin, None, f"{prefix}.{attr}")
