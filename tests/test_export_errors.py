@@ -89,3 +89,37 @@ def test_bad_dtype(mcore, tmp_path):
     m = build_gpt(TinySpec())
     with pytest.raises(ValueError, match="unsupported export dtype 'int8'"):
         export_to_hf(m, tmp_path / "hf", arch="qwen3_moe", dtype="int8")
+
+
+def test_learned_absolute_positions_refused(mcore, tmp_path):
+    """A real GPTModel with learned absolute position embeddings: no supported HF class has
+    them, so dropping them would change the logits; the rule refuses it before anything is
+    written."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from nemo_export_hooks.testing.cpu import transformer_config
+
+    spec = TinySpec(num_experts=None, moe_ffn_hidden_size=None, qk_layernorm=False)
+    m = GPTModel(config=transformer_config(spec), transformer_layer_spec=get_gpt_layer_local_spec(),
+                 vocab_size=spec.vocab_size, max_sequence_length=spec.max_seq_len,
+                 position_embedding_type="learned_absolute")
+    with pytest.raises(ArchMismatchError, match=r"llama needs rotary embeddings"):
+        export_to_hf(m, tmp_path / "hf", arch="llama")
+    _nothing_written(tmp_path)
+
+
+def test_unmapped_parameters_are_named_in_a_warning(mcore, tmp_path, caplog):
+    """Multi-token-prediction layers (HF drops ``mtp.*``) and any other parameter outside the
+    mapped parts are not exported, and the log says so (never silently)."""
+    import logging
+
+    m = build_gpt(TinySpec())
+    m.mtp = torch.nn.Linear(4, 4)  # the name Megatron gives its MTP block
+    m.extra_head = torch.nn.Linear(4, 2)
+    with caplog.at_level(logging.WARNING, logger="nemo_export_hooks"):
+        res = export_to_hf(m, tmp_path / "hf", arch="qwen3_moe")
+    text = caplog.text
+    assert "2 multi-token-prediction parameters (mtp.*) are not exported" in text
+    assert "['extra_head.bias', 'extra_head.weight']" in text
+    assert res.num_tensors > 0

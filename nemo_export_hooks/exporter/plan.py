@@ -9,6 +9,7 @@ yields tensors one at a time.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -19,6 +20,11 @@ from .experts import _num_local_experts, detect_layout, iter_experts
 from .parallel import Group, ParallelLayout
 from .rules.base import IGNORED_SUFFIXES, ArchMismatchError, ArchRule, Entry, ModelInfo
 from .source import LayerRef, final_norm, hybrid_layer_types, iter_layers, model_attrs, named_tensors
+
+log = logging.getLogger(__name__)
+
+# Parameters of a model chunk that the plan maps (the layers, embedding, final norm, output).
+_MAPPED_PREFIXES = ("embedding.word_embeddings.", "decoder.layers.", "decoder.final_layernorm.", "decoder.final_norm.", "output_layer.")
 
 QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 
@@ -101,6 +107,7 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
         if getattr(chunk, "pre_process", True) and getattr(chunk, "embedding", None) is not None:
             w = chunk.embedding.word_embeddings.weight
             plan.jobs.append(Job("embedding.word_embeddings.weight", (rule.embedding,), mk.rename, w, _tp_dim(w), layout.tp, False, dense_owner))
+    _check_unmapped(chunks)
     for ref in layers:
         _plan_layer(plan, ref)
     for chunk in chunks:
@@ -116,6 +123,19 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
             w = out.weight
             plan.jobs.append(Job("output_layer.weight", (rule.output,), mk.rename, w, _tp_dim(w), layout.tp, False, dense_owner))
     return plan
+
+
+def _check_unmapped(chunks: list) -> None:
+    """Nothing is dropped silently: multi-token-prediction layers (HF ignores ``mtp.*``) and
+    any other parameter outside the mapped parts are named in a warning.  (Learned absolute
+    position embeddings never get here: every rule's check requires rotary positions.)"""
+    unmapped = sorted({n for c in chunks for n, _ in c.named_parameters() if not n.startswith(_MAPPED_PREFIXES)})
+    mtp = [n for n in unmapped if n.startswith("mtp.")]
+    other = [n for n in unmapped if not n.startswith("mtp.")]
+    if mtp:
+        log.warning("HF export: %d multi-token-prediction parameters (mtp.*) are not exported (HF models ignore them)", len(mtp))
+    if other:
+        log.warning("HF export: parameters outside the mapped layers are not exported: %s%s", other[:8], "..." if len(other) > 8 else "")
 
 
 def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
