@@ -64,6 +64,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -279,7 +280,7 @@ class HFExportCallback(Callback):
         self._validate_model(trainer, pl_module, allow_defer=True)
         _SaveHook.attach(trainer, self)
         if self._executor is None and cfg.async_write:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-export")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-export", initializer=_lower_thread_priority)
         self._active = True
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -862,6 +863,18 @@ def _training_checkpoint_containing(d: Path, checkpoint: Optional[str] = None) -
         if why is not None:
             return p, why
     return None
+
+
+def _lower_thread_priority(step: int = 10) -> None:
+    """Run the background export thread at a lower CPU priority (nice +10) than training:
+    where training keeps every core busy, the writer then takes what training leaves instead
+    of slowing the steps after an export.  Linux applies nice per thread, and threads started
+    from this one (the shard hashers) inherit it.  Elsewhere, or if refused, nothing changes."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux / not permitted
+        pass
 
 
 def _refuse_inside_checkpoint(d: Path, checkpoint: Optional[str] = None) -> None:

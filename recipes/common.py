@@ -170,7 +170,9 @@ def build_optim(cfg: DictConfig):
 
 
 def build_tokenizer(name_or_path: Optional[str], vocab_size: Optional[int] = None):
-    """A HF tokenizer (NeMo's wrapper) by name or directory, or NeMo's NullTokenizer."""
+    """A HF tokenizer (NeMo's wrapper) by name or directory, or NeMo's NullTokenizer whose ids
+    fit a ``vocab_size`` embedding: NullTokenizer(n) adds an end-of-document id n, so its
+    ``vocab_size`` is n + 1 and mock data would draw ids one past the table; ask for n - 1."""
     if name_or_path:
         from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
@@ -179,7 +181,7 @@ def build_tokenizer(name_or_path: Optional[str], vocab_size: Optional[int] = Non
         return None
     from nemo.collections.common.tokenizers.null_tokenizer import NullTokenizer
 
-    return NullTokenizer(vocab_size)
+    return NullTokenizer(int(vocab_size) - 1)
 
 
 def finetune_data(cfg: DictConfig, tokenizer=None):

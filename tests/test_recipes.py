@@ -183,3 +183,12 @@ def test_nemo_model_checkpoint_drives_exports_on_cpu(mcore, tmp_path):
     # NeMo's checkpoint directory holds no export beside its checkpoints (its top-k scan stays clean)
     assert not [p for p in ck_dir.iterdir() if p.is_dir() and p.name != "hf"]
     assert not [p for p in tmp_path.rglob(".*") if p.is_dir()]
+
+
+def test_null_tokenizer_ids_fit_the_embedding():
+    """MockDataModule draws ids below tokenizer.vocab_size; they must index the model's
+    embedding (NullTokenizer(n) reports n + 1 because of its end-of-document id)."""
+    from recipes.common import build_tokenizer
+
+    tok = build_tokenizer(None, vocab_size=256)
+    assert tok.vocab_size == 256 and tok.eod == 255
