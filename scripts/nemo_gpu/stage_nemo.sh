@@ -16,7 +16,7 @@ mkdir -p "$dst"
 # package (cryptography, bcrypt, PyNaCl) has nothing older for cp312.
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
-      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
       --platform any)
 reqs=$(grep -v '^#' $here/nemo-wheels.txt | grep -v '^wget==' | grep .)
 python3 -m pip download -q --no-deps "${plat[@]}" -d "$dst" $reqs
