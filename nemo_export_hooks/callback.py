@@ -432,7 +432,6 @@ class HFExportCallback(Callback):
 
     def _start(self, trainer, req: _Request) -> None:
         """Plan + host copy on the training thread; write in the background (or here)."""
-        from .exporter import parallel
         from .exporter.api import prepare_export
 
         cfg = self.config
@@ -449,25 +448,14 @@ class HFExportCallback(Callback):
                 _check_target(req, owned)
             except Exception as e:
                 err = e
-        if self._world > 1:
-            try:
-                msg = f"rank {self._rank}: {type(err).__name__}: {err}" if err else ""
-                parallel.all_ok(err is None, msg, group=self._ctl_group)
-            except Exception as e:
-                err = err or e
-        refused = err is not None  # the same on every rank after the agreement
-        if not refused:
+        err = self._agree(err)
+        if err is None:  # not refused (the same outcome on every rank after the agreement)
             try:
                 prepared = prepare_export(self._model(trainer), cfg.arch, cfg.dtype, dict(cfg.hf_config_overrides), check_hf_keys=False)
                 tensors = prepared.host_snapshot() if cfg.async_write else prepared.tensors()
             except Exception as e:
                 err = e
-        if self._world > 1 and not refused:
-            try:
-                msg = f"rank {self._rank}: {type(err).__name__}: {err}" if err else ""
-                parallel.all_ok(err is None, msg, group=self._ctl_group)
-            except Exception as e:
-                err = err or e
+            err = self._agree(err)
         job = _Job(req, t0)
         if err is not None:
             tensors = None
@@ -682,6 +670,21 @@ class HFExportCallback(Callback):
             # their own: collectives of two threads must never share a group.
             self._write_group = dist.new_group(backend="gloo")
             self._ctl_group = dist.new_group(backend="gloo")
+
+    def _agree(self, err: Optional[BaseException]) -> Optional[BaseException]:
+        """With several ranks, every rank learns whether any rank failed (``all_ok`` on the
+        control group, naming the failing rank): returns this rank's error, or the error that
+        names another rank's failure, or ``None`` when every rank succeeded."""
+        if self._world <= 1:
+            return err
+        from .exporter import parallel
+
+        try:
+            msg = f"rank {self._rank}: {type(err).__name__}: {err}" if err else ""
+            parallel.all_ok(err is None, msg, group=self._ctl_group)
+        except Exception as e:
+            err = err or e
+        return err
 
     def _all_true(self, flag: bool) -> bool:
         import torch
