@@ -146,18 +146,12 @@ def _quant_summary(plan: ExportPlan) -> tuple[Optional[str], list[str]]:
 
 
 def _check_packable(job, spec) -> None:
-    """NVFP4 packs 16-element blocks along the input dim of the *gathered* weight: check its
-    width at planning time (the packer checks again), so a bad shape fails before staging."""
-    from .quant import NVFP4_BLOCK_SIZE
+    """NVFP4 block tiling of the *gathered* weight's input dim, at planning time, so a bad
+    shape fails before staging (the packer checks the same again)."""
+    from .quant import check_nvfp4_input_dim
 
-    if spec.algo != "NVFP4" or job.tensor.dim() != 2:
-        return
-    cols = job.tensor.shape[1] * (job.group.size if job.tp_dim == 1 else 1)
-    if cols % NVFP4_BLOCK_SIZE:
-        raise ValueError(
-            f"{spec.where}: NVFP4 needs the input dim ({cols}) to be a multiple of {NVFP4_BLOCK_SIZE} "
-            "(vLLM rejects other sizes)"
-        )
+    if spec.algo == "NVFP4" and job.tensor.dim() == 2:
+        check_nvfp4_input_dim(job.tensor.shape[1] * (job.group.size if job.tp_dim == 1 else 1), spec)
 
 
 def _check_names(plan: ExportPlan, hf_config: dict) -> None:

@@ -428,6 +428,16 @@ def _e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     return code | ((x < 0).to(torch.uint8) << 3)
 
 
+def check_nvfp4_input_dim(cols: int, spec: QuantSpec) -> None:
+    """NVFP4 packs 16-element blocks along the input dim of the full (TP-gathered) weight;
+    the planner calls this before staging, the packer again on the tensor it gets."""
+    if cols % NVFP4_BLOCK_SIZE != 0:
+        raise ValueError(
+            f"{spec.where}: NVFP4 needs the input dim ({cols}) to be a multiple of {NVFP4_BLOCK_SIZE} "
+            "(vLLM rejects other sizes)"
+        )
+
+
 def _pack_nvfp4(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     block = int(spec.block_size)
     if block != NVFP4_BLOCK_SIZE:
@@ -435,11 +445,7 @@ def _pack_nvfp4(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
     if weight.dim() != 2:
         raise ValueError(f"{spec.where}: NVFP4 packing needs a 2-D weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
-    if cols % block != 0:
-        raise ValueError(
-            f"{spec.where}: NVFP4 needs the input dim ({cols}) to be a multiple of {block} "
-            "(vLLM rejects other sizes)"
-        )
+    check_nvfp4_input_dim(cols, spec)
     amax = _checked_amax(spec, "weight", weight.device)
     # amax * float32(1 / (6 * 448)): what ModelOpt computes on the GPU, where QAT runs (CUDA
     # turns `tensor / scalar` into a multiplication by the float32 reciprocal; its fake-quant
