@@ -18,10 +18,6 @@ Compatibility shims (this script only; see scripts/nemo_gpu/README.md):
     ``setup_megatron_optimizer`` still passes them.  The shim drops them when they hold their
     defaults (None, None, 1.0, False: then 0.16's default ``config_overrides=None`` gives the
     same groups, no weight decay on biases and 1-D params) and refuses anything else.
-  * The recipe's mock data path builds ``NullTokenizer(model.vocab_size)``, whose ``vocab_size``
-    is ``model.vocab_size + 1`` (it adds an EOD id), and ``MockDataModule`` draws tokens in
-    ``[0, tokenizer.vocab_size)``: one id past the embedding table.  The smoke asks the recipe's
-    ``build_tokenizer`` for one id fewer when it sees that (recorded as a workaround).
 """
 
 from __future__ import annotations
@@ -138,25 +134,6 @@ def install_mcore016_optimizer_shim() -> None:
         if m is not None and getattr(m, "get_megatron_optimizer", None) is orig:
             m.get_megatron_optimizer = get_megatron_optimizer
     RESULT["shims"].append(f"get_megatron_optimizer: drops default-valued {gone} (megatron-core {_mcore_version()})")
-
-
-def install_mock_vocab_workaround(common, vocab: int) -> None:
-    orig = common.build_tokenizer
-
-    @functools.wraps(orig)
-    def build_tokenizer(name_or_path, vocab_size=None):
-        tok = orig(name_or_path, vocab_size=vocab_size)
-        if tok is not None and vocab_size is not None and getattr(tok, "vocab_size", 0) > vocab_size:
-            fixed = orig(name_or_path, vocab_size=vocab_size - (tok.vocab_size - vocab_size))
-            note = (f"recipes.common.build_tokenizer: {type(tok).__name__}({vocab_size}).vocab_size={tok.vocab_size} > "
-                    f"model.vocab_size={vocab_size}; MockDataModule would draw out-of-range ids; used "
-                    f"{type(fixed).__name__}(vocab_size={vocab_size - (tok.vocab_size - vocab_size)}) (vocab_size={fixed.vocab_size})")
-            if note not in RESULT["workarounds"]:
-                RESULT["workarounds"].append(note)
-            return fixed
-        return tok
-
-    common.build_tokenizer = build_tokenizer
 
 
 def _mcore_version() -> str:
@@ -317,7 +294,6 @@ def main() -> None:
     cfg = r.compose(overrides)
     RESULT["overrides"] = overrides
     RESULT["log_dir"] = log_dir
-    install_mock_vocab_workaround(common, int(cfg.model.vocab_size))
 
     # the recipe's callback list: record what it builds (same objects, same order)
     made: list = []
