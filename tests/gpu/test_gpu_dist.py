@@ -7,6 +7,7 @@ Skipped with fewer than two GPUs."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.gpu
 
 torch = require_gpu("transformer_engine.pytorch", "megatron.core", gpus=2)
 
+import gpu_common as G  # noqa: E402
+
 WORKER = Path(__file__).resolve().parent / "gpu_dist_worker.py"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,18 +34,24 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ep2", "tp2"])
-def test_two_gpu_export(mode, tmp_path, request):
+def _torchrun(args: list, timeout: int) -> subprocess.CompletedProcess:
+    """Two ranks of ``args`` under torchrun, the project importable, NVLink multicast off (as
+    the device README asks); prints the tail of both streams for the suite log."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           str(WORKER), mode, str(tmp_path), request.node.nodeid]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), *map(str, args)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     print(r.stdout[-6000:])
     print(r.stderr[-6000:], file=sys.stderr)
+    return r
+
+
+@pytest.mark.parametrize("mode", ["ep2", "tp2"])
+def test_two_gpu_export(mode, tmp_path, request):
+    r = _torchrun([WORKER, mode, tmp_path, request.node.nodeid], timeout=300)
     assert r.returncode == 0, f"torchrun {mode} exited {r.returncode}: {r.stdout[-800:]} {r.stderr[-1500:]}"
 
 
@@ -50,22 +59,9 @@ def test_two_gpu_nccl_collectives(request):
     """``exporter/parallel.py``'s collectives on NCCL, without Megatron (tests/dist/collectives.py:
     gather_to_owner for several shapes/dtypes/split dims incl. gated fc1, all_ok/raise naming
     the failing rank, gather_objects/broadcast_object, max_over)."""
-    import json
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-           str(ROOT / "tests" / "dist" / "collectives.py"), "--backend", "nccl"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    print(r.stdout[-4000:])
-    print(r.stderr[-4000:], file=sys.stderr)
+    r = _torchrun([ROOT / "tests" / "dist" / "collectives.py", "--backend", "nccl"], timeout=240)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{") and '"ok"' in ln]
     report = json.loads(lines[-1]) if lines else {}
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import gpu_common as G
-
     G.record(request.node.nodeid, ok=report.get("ok"), problems=report.get("problems", [])[:6], rc=r.returncode,
              checks=report.get("checks"))
     assert r.returncode == 0 and report.get("ok"), f"rc {r.returncode}: {report or r.stderr[-1500:]}"
