@@ -53,7 +53,7 @@ __all__ = [
     "check_filename_template",
 ]
 
-PLACEMENTS = ("auto", "sibling", "subdir")
+PLACEMENTS = ("auto", "sibling", "subdir", "inside")
 ON_BUSY = ("skip", "wait")
 TEMPLATE_FIELDS = ("checkpoint", "step", "epoch")
 HF_SUFFIX = "-hf"

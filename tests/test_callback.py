@@ -224,6 +224,29 @@ def test_resume_skips_steps_already_exported(mcore, tmp_path):
     assert cb2.state_dict()["owned"] == [str(ck / f"epoch=0-step={s}-hf") for s in (2, 4, 6)]
 
 
+def test_resume_after_a_crash_replaces_the_runs_own_later_export(mcore, tmp_path):
+    """Killed after ``step=9-hf`` was published but before the next checkpoint, resumed from
+    ``epoch=0-step=8.ckpt``: the export of step 9 belongs to this run's lineage (the run id
+    restored from the checkpoint's callback state) and is replaced from the resumed weights,
+    not refused.  A fresh run sharing the directory is still refused (another lineage)."""
+    ck = tmp_path / "ck"
+    cb = HFExportCallback(arch=ARCH, every_n_train_steps=9, on_checkpoint_save=False, async_write=False)
+    trainer(tmp_path, [cb, ckpt_cb(ck, every=4)], max_steps=9).fit(module())
+    nine = ck / "step=9-hf"
+    assert [e["step"] for e in cb.exports] == [9] and (ck / "epoch=0-step=8.ckpt").is_file()
+    assert not (ck / "epoch=0-step=9.ckpt").exists()  # the crash came before a checkpoint of step 9
+    before = (os.stat(nine).st_ino, P.read_manifest(nine)["run_id"])
+    cb2 = HFExportCallback(arch=ARCH, every_n_train_steps=9, on_checkpoint_save=False, async_write=False, fail_on_error=True)
+    trainer(tmp_path, [cb2, ckpt_cb(ck, every=4)], max_steps=10).fit(module(), ckpt_path=str(ck / "epoch=0-step=8.ckpt"))
+    assert cb2.failed == 0 and [e["step"] for e in cb2.exports] == [9]
+    m = P.read_manifest(nine)
+    assert m["run_id"] == before[1] == cb2.scheduler.run_id and os.stat(nine).st_ino != before[0]  # replaced
+    assert P.verify_export(nine) == []
+    fresh = HFExportCallback(arch=ARCH, every_n_train_steps=9, on_checkpoint_save=False, async_write=False)
+    trainer(tmp_path / "fresh", [fresh, ckpt_cb(ck, every=100)], max_steps=9).fit(module())
+    assert fresh.failed == 1 and fresh.exports == [] and P.read_manifest(nine)["run_id"] == before[1]
+
+
 def test_resume_redoes_an_export_that_never_finished(mcore, tmp_path, disk_full, caplog):
     ck = tmp_path / "ck"
     disk_full["n"] = 1
@@ -366,7 +389,8 @@ def test_unwritable_export_dir_fails_at_setup(mcore, tmp_path, monkeypatch):
         (dict(filename=".hidden-{step}"), "hidden"),
         (dict(filename="latest"), "reserved"),
         (dict(on_busy="queue"), "on_busy"),
-        (dict(placement="inside"), "placement"),
+        (dict(placement="nearby"), "placement"),
+        (dict(placement="inside"), "only Megatron-Bridge"),
         (dict(keep_last_k=-1), "keep_last_k"),
         (dict(every_n_train_steps=-5), "every_n_train_steps"),
         (dict(max_shard_size="lots"), "max_shard_size"),
@@ -395,23 +419,27 @@ def test_stale_staging_of_a_crashed_run_is_cleaned_at_setup(mcore, tmp_path):
 # -- small units --------------------------------------------------------------------------
 def test_state_dict_round_trip_and_state_key():
     cb = HFExportCallback(arch=ARCH, dirpath="/x")
-    cb._done_steps = {3, 1}
-    cb._owned = ["/x/a", "/x/b"]
+    cb.scheduler.done_steps = {3, 1}
+    cb.scheduler.owned = ["/x/a", "/x/b"]
+    cb.scheduler.run_id = "r1"
     sd = cb.state_dict()
-    assert sd == {"version": 1, "exported_steps": [1, 3], "owned": ["/x/a", "/x/b"], "pending": []}
+    assert sd == {"version": 2, "run_id": "r1", "exported_steps": [1, 3], "owned": ["/x/a", "/x/b"], "pending": []}
     other = HFExportCallback(arch=ARCH, dirpath="/x")
     other.load_state_dict(sd)
-    assert other._done_steps == {1, 3} and other._owned == ["/x/a", "/x/b"]
+    assert other.scheduler.done_steps == {1, 3} and other.scheduler.owned == ["/x/a", "/x/b"] and other.scheduler.run_id == "r1"
+    old = HFExportCallback(arch=ARCH, dirpath="/x")
+    old.load_state_dict({"version": 1, "exported_steps": [2], "owned": [], "pending": []})  # before run ids
+    assert old.scheduler.done_steps == {2} and old.scheduler.run_id is None
     assert cb.state_key == other.state_key != HFExportCallback(arch=ARCH, dirpath="/y").state_key
     other.load_state_dict({"version": 99})  # unknown format: ignored, not fatal
-    assert other._done_steps == {1, 3}
+    assert other.scheduler.done_steps == {1, 3}
 
 
 def test_checkpoint_detection_and_ownership_of_targets(tmp_path):
     """The refusals behind two fault tests, without a trainer: an export directory inside a
     training checkpoint (recognised by layout, or the checkpoint being saved), and an
     existing target that this callback did not create."""
-    from nemo_export_hooks.callback import ExportRefusedError, _check_target, _Request, _training_checkpoint_containing
+    from nemo_export_hooks.targets import ExportRefusedError, check_target, training_checkpoint_containing
 
     layouts = {
         "nemo": {"weights/metadata.json": "{}", "context/io.json": "{}"},
@@ -423,24 +451,24 @@ def test_checkpoint_detection_and_ownership_of_targets(tmp_path):
         for rel, text in files.items():
             (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / name / rel).write_text(text)
-        hit = _training_checkpoint_containing(tmp_path / name / "hf" / "not-yet")
+        hit = training_checkpoint_containing(tmp_path / name / "hf" / "not-yet")
         assert hit is not None and hit[0] == (tmp_path / name).resolve(), name
     (tmp_path / "link").symlink_to(tmp_path / "nemo", target_is_directory=True)
-    assert _training_checkpoint_containing(tmp_path / "link" / "hf")[0] == (tmp_path / "nemo").resolve()
-    assert _training_checkpoint_containing(tmp_path / "ck" / "hf") is None  # the checkpoints directory is fine
-    assert _training_checkpoint_containing(tmp_path / "ck" / "x" / "hf", checkpoint=str(tmp_path / "ck" / "x")) is not None
+    assert training_checkpoint_containing(tmp_path / "link" / "hf")[0] == (tmp_path / "nemo").resolve()
+    assert training_checkpoint_containing(tmp_path / "ck" / "hf") is None  # the checkpoints directory is fine
+    assert training_checkpoint_containing(tmp_path / "ck" / "x" / "hf", checkpoint=str(tmp_path / "ck" / "x")) is not None
     with pytest.raises(ExportRefusedError, match="inside the training checkpoint"):
-        _check_target(_Request(1, 0, tmp_path / "nemo" / "hf" / "step=1", "checkpoint"), [])
+        check_target(tmp_path / "nemo" / "hf" / "step=1", None, [])
 
     d = tmp_path / "out"
     (d / "empty").mkdir(parents=True)
     (d / "theirs").mkdir()
     (d / "theirs" / "config.json").write_text("{}")
-    _check_target(_Request(1, 0, d / "new", "checkpoint"), [])  # does not exist: fine
-    _check_target(_Request(1, 0, d / "empty", "checkpoint"), [])  # nothing to lose
-    _check_target(_Request(1, 0, d / "theirs", "checkpoint"), [str(d / "theirs")])  # ours: replaced
+    check_target(d / "new", None, [])  # does not exist: fine
+    check_target(d / "empty", None, [])  # nothing to lose
+    check_target(d / "theirs", None, [str(d / "theirs")])  # ours: replaced
     with pytest.raises(ExportRefusedError, match="was not created by this run"):
-        _check_target(_Request(1, 0, d / "theirs", "checkpoint"), [])
+        check_target(d / "theirs", None, [])
 
 
 def test_placement_auto_picks_subdir_for_nemo_checkpoint_callbacks(tmp_path):

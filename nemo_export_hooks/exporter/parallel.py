@@ -298,3 +298,46 @@ def gather_objects(obj: Any, group: Any = None) -> Optional[list]:
     out = [None] * dist.get_world_size(group) if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0, group=group)
     return out
+
+
+# -- the training hooks' own groups -------------------------------------------------------
+class ControlPlane:
+    """The collectives a training hook (any framework's) needs around its exports.
+
+    With several ranks it creates two gloo groups of its own at construction: ``write``
+    for the background writer's metadata collectives and ``ctl`` for the training thread's
+    agreements ("did every rank's plan work", "has every rank finished writing"), so that
+    collectives of two threads never share a group, and neither shares one with training.
+    With one rank (or no ``torch.distributed``) every method is a local no-op."""
+
+    def __init__(self) -> None:
+        dist = _dist()
+        self.world = dist.get_world_size() if dist is not None else 1
+        self.rank = dist.get_rank() if dist is not None else 0
+        self.write = self.ctl = None
+        if self.world > 1:
+            self.write = dist.new_group(backend="gloo")
+            self.ctl = dist.new_group(backend="gloo")
+
+    def agree(self, err: Optional[BaseException]) -> Optional[BaseException]:
+        """Every rank learns whether any rank failed: returns this rank's error, or one
+        naming another rank's failure, or ``None`` when every rank succeeded."""
+        if self.world <= 1:
+            return err
+        try:
+            msg = f"rank {self.rank}: {type(err).__name__}: {err}" if err else ""
+            all_ok(err is None, msg, group=self.ctl)
+        except Exception as e:
+            err = err or e
+        return err
+
+    def all_true(self, flag: bool) -> bool:
+        if self.world <= 1:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        _dist().all_reduce(t, op=_dist().ReduceOp.MIN, group=self.ctl)
+        return bool(t.item())
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (small metadata: decisions, ids, paths)."""
+        return broadcast_object(obj, group=self.ctl) if self.world > 1 else obj

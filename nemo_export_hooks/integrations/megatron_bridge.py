@@ -1,0 +1,300 @@
+"""``HFExportBridgeCallback``: the Megatron-Bridge adapter of the export scheduler.
+
+Pass it to Megatron-Bridge's training entry points::
+
+    from megatron.bridge.training.pretrain import pretrain
+    from nemo_export_hooks.integrations.megatron_bridge import HFExportBridgeCallback
+
+    pretrain(cfg, forward_step, callbacks=[HFExportBridgeCallback(arch="qwen3_moe")])
+
+Every checkpoint Megatron-Bridge saves then gets a Hugging Face export, by default inside
+it at ``<checkpoint.save>/iter_NNNNNNN/hf`` (where Bridge's own ``also_save_hf_checkpoint``
+writes, so Bridge's checkpoint rotation removes the export with its checkpoint).
+``placement="subdir"`` puts it at ``<save>/hf/iter_NNNNNNN``, ``"sibling"`` at
+``<save>/iter_NNNNNNN-hf``, ``dirpath=D`` at ``D/<filename>``.  Exports without a checkpoint
+(``every_n_train_steps``, ``at_train_end``) go to ``<save>/hf/iter_NNNNNNN`` (or ``dirpath``).
+
+Which weights an export holds (facts of Bridge's loop, ``training/train.py`` and
+``training/checkpointing.py``): ``on_train_step_end`` fires *before* ``train_state.step``
+is incremented; the checkpoint of iteration N is saved after the increment, with
+``train_state.step == N``; ``on_checkpoint_save`` fires on every rank
+
+* with a synchronous save, right after it is finalized: the live weights are the saved ones;
+* with ``async_save``, as a finalize function of a *later* iteration (at the top of the
+  training loop, or blocking at the end of training), against the live model.  Exporting
+  the live weights then would publish a later step's weights under iteration N's name.  So
+  at ``on_train_step_start`` of the iteration after an interval save (``save_interval``),
+  before the next optimizer step, the weights of N are planned and copied to host memory
+  (the training thread's only wait), held, and written when ``on_checkpoint_save`` confirms
+  N.  A save that ends training (signal, duration, ``exit_interval``, the final save) is
+  finalized with the live weights still those of N.  An async save that is neither (the
+  batch-size ramp-up save) cannot be exported: it is reported as a failed export, naming
+  the iteration.
+
+The iteration a finalize belongs to is read (rank 0, then broadcast) from Bridge's tracker
+``<save>/latest_checkpointed_iteration.txt``, which Bridge writes before firing the event.
+After a restart (``train_state.step > 0``) the run lineage (``run_id``) is taken from the
+manifest of the resumed checkpoint's export, and that step counts as exported.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
+from ..scheduler import ExportScheduler, Request
+from ..targets import check_writable, refuse_inside_checkpoint
+
+try:  # the real base class where Megatron-Bridge is installed (Python 3.12, CUDA)
+    from megatron.bridge.training.callbacks import Callback as _BridgeCallback
+except Exception:  # pragma: no cover - exercised on CPU, where Bridge does not import
+
+    class _BridgeCallback:  # type: ignore[no-redef]
+        """Stand-in base: the events are plain methods taking a ``CallbackContext``."""
+
+
+__all__ = ["HFExportBridgeCallback", "bridge_callbacks", "checkpoint_name", "read_tracker", "TRACKER_NAME"]
+
+log = logging.getLogger("nemo_export_hooks")
+
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_name(save_dir: str | Path, iteration: int) -> Path:
+    """Bridge's ``get_checkpoint_name(save, iteration)`` for a non-release checkpoint."""
+    return Path(save_dir) / f"iter_{int(iteration):07d}"
+
+
+def read_tracker(save_dir: str | Path) -> Optional[int]:
+    """The iteration in Bridge's tracker file, or ``None`` (missing, ``release``, unreadable)."""
+    try:
+        text = (Path(save_dir) / TRACKER_NAME).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class _BridgeHost:
+    """The scheduler's view of one Megatron-Bridge run (the latest ``CallbackContext``)."""
+
+    def __init__(self):
+        self.ctx: Any = None
+
+    def model(self):
+        return list(self.ctx.model)
+
+    def manifest_extra(self, req: Request) -> dict:
+        ts = self.ctx.state.train_state
+        if int(ts.step) != req.step:  # a held copy: the counters have moved on since
+            return {"iteration": req.step}
+        return {"iteration": req.step, "consumed_samples": int(ts.consumed_train_samples)}
+
+    def log_metrics(self, metrics: dict) -> None:
+        st = self.ctx.state
+        writer = getattr(st, "tensorboard_logger", None)
+        if writer is None:
+            return
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, int(st.train_state.step))
+
+
+class HFExportBridgeCallback(_BridgeCallback):
+    """Export a Hugging Face checkpoint for every Megatron-Bridge checkpoint (module doc).
+
+    Args:
+        config: an :class:`ExportConfig`, a mapping or an OmegaConf node (``hf_export``).
+        tokenizer: a tokenizer object or directory; overrides ``config.tokenizer``
+            (``"auto"``: Bridge's dataset tokenizer if it can ``save_pretrained``, or
+            ``cfg.tokenizer.tokenizer_model`` when that is a directory).
+        **overrides: any ``ExportConfig`` field, e.g. ``arch="qwen3_moe"``.
+
+    After training, ``exports`` lists what was exported (``step`` is the checkpoint
+    iteration), ``failed`` and ``skipped`` count the rest.
+    """
+
+    def __init__(self, config: Any = None, *, tokenizer: Any = None, **overrides):
+        super().__init__()
+        if tokenizer is not None:
+            overrides["tokenizer"] = tokenizer
+        self.config = ExportConfig.from_any(config, **overrides).validate()
+        self._host = _BridgeHost()
+        self.scheduler = ExportScheduler(self.config, self._host, allow_inside=self._placement() == "inside")
+
+    @property
+    def exports(self) -> list[dict]:
+        return self.scheduler.exports
+
+    @property
+    def failed(self) -> int:
+        return self.scheduler.failed
+
+    @property
+    def skipped(self) -> int:
+        return self.scheduler.skipped
+
+    # -- events ---------------------------------------------------------------------------
+    def on_train_start(self, context) -> None:
+        cfg = self.config
+        if not cfg.enabled:
+            return
+        self._host.ctx = context
+        ck = context.state.cfg.checkpoint
+        save = getattr(ck, "save", None)
+        if cfg.on_checkpoint_save and not save and cfg.dirpath is None:
+            log.warning("hf_export: checkpoint.save is not set, so no checkpoint is saved and on_checkpoint_save exports nothing")
+        if save is None and cfg.dirpath is None and (cfg.every_n_train_steps or cfg.at_train_end):
+            raise ValueError("hf_export: every_n_train_steps / at_train_end exports need checkpoint.save or hf_export.dirpath")
+        for d in self._export_dirs(context):
+            refuse_inside_checkpoint(d)
+            check_writable(d)
+        self._set_tokenizer(context)
+        step = int(context.state.train_state.step)
+        if step > 0 and self.scheduler.run_id is None and save:
+            self._adopt_lineage(context, step)
+        self.scheduler.start_up()
+        self.scheduler.validate_model(list(context.model))
+        if self.scheduler.rank == 0 and save:
+            self._clean_stale_staging(Path(save))
+        self.scheduler.train_starts_at(step, lambda rec: Path(rec["path"]))
+
+    def on_train_step_start(self, context) -> None:
+        if not self.scheduler.active:
+            return
+        self._host.ctx = context
+        k = int(context.state.train_state.step)
+        ck = context.state.cfg.checkpoint
+        if self._saved_async_at(ck, k) and self.config.on_checkpoint_save:
+            self.scheduler.hold_snapshot(k)  # weights of iteration k, before step k+1 changes them
+        self.scheduler.take_due(k, 0, lambda: self._target(context, k, None))
+
+    def on_train_step_end(self, context) -> None:
+        if not self.scheduler.active:
+            return
+        self._host.ctx = context
+        # train_state.step is incremented after this event: the iteration just done is step+1
+        self.scheduler.step_ended(int(context.state.train_state.step) + 1)
+
+    def on_checkpoint_save(self, context) -> None:
+        if not self.scheduler.active:
+            return
+        self._host.ctx = context
+        save = context.state.cfg.checkpoint.save
+        live = int(context.state.train_state.step)
+        n = self.scheduler.control.broadcast(read_tracker(save) if self.scheduler.rank == 0 else None)
+        n = live if n is None else int(n)
+        ckpt = str(checkpoint_name(save, n))
+        held = self.scheduler.take_held(n) if n != live else None
+        req = self.scheduler.checkpoint_starting(n, 0, lambda: self._target(context, n, ckpt), ckpt, must=held is not None)
+        if req is None:
+            return
+        if n != live and held is None:
+            self.scheduler.checkpoint_failed()
+            self.scheduler.handle_error(
+                n,
+                req.path,
+                RuntimeError(
+                    f"the async checkpoint of iteration {n} ({ckpt}) was finalized at iteration {live}, and no copy of "
+                    f"iteration {n}'s weights was held (only saves at multiples of checkpoint.save_interval are "
+                    "copied ahead); the live weights are not the saved ones, so nothing was exported for it"
+                ),
+            )
+            return
+        self.scheduler.checkpoint_saved(req, held)
+
+    def on_train_end(self, context) -> None:
+        if not self.scheduler.active:
+            return
+        self._host.ctx = context
+        step = int(context.state.train_state.step)
+        try:
+            self.scheduler.train_ended(step, 0, lambda: self._target(context, step, None))
+        finally:
+            self.scheduler.shutdown()
+
+    # -- Bridge specifics -----------------------------------------------------------------
+    @staticmethod
+    def _saved_async_at(ck, k: int) -> bool:
+        """Did the previous loop iteration schedule an async interval save of iteration ``k``?"""
+        interval = getattr(ck, "save_interval", None)
+        return bool(getattr(ck, "async_save", False) and getattr(ck, "save", None) and interval and k > 0 and k % int(interval) == 0)
+
+    def _placement(self) -> str:
+        p = self.config.placement
+        return "inside" if p == "auto" else p
+
+    def _target(self, context, step: int, checkpoint: Optional[str]) -> Path:
+        cfg = self.config
+        save = context.state.cfg.checkpoint.save
+        name = f"iter_{int(step):07d}"
+        if cfg.dirpath is not None:
+            base, default = Path(cfg.dirpath).expanduser(), "{checkpoint}"
+        elif checkpoint is not None and self._placement() == "inside":
+            return Path(checkpoint) / render_filename(cfg.filename or HF_SUBDIR, checkpoint=name, step=step, epoch=0)
+        elif self._placement() == "sibling" and checkpoint is not None:
+            base, default = Path(save), "{checkpoint}" + HF_SUFFIX
+        else:
+            base, default = Path(save) / HF_SUBDIR, "{checkpoint}"
+        return base / render_filename(cfg.filename or default, checkpoint=name, step=step, epoch=0)
+
+    def _export_dirs(self, context) -> list[Path]:
+        cfg = self.config
+        if cfg.dirpath is not None:
+            return [Path(cfg.dirpath).expanduser()]
+        save = context.state.cfg.checkpoint.save
+        if not save:
+            return []
+        dirs = [Path(save)]
+        if self._placement() == "subdir" or cfg.every_n_train_steps or cfg.at_train_end:
+            dirs.append(Path(save) / HF_SUBDIR)
+        return dirs
+
+    def _adopt_lineage(self, context, step: int) -> None:
+        """A resumed run continues the lineage of the checkpoint it resumed from."""
+        from ..publish import read_manifest
+
+        save = context.state.cfg.checkpoint.save
+        path = self._target(context, step, str(checkpoint_name(save, step)))
+        m = read_manifest(path) or {}
+        if (m.get("producer") or {}).get("name") == "nemo-export-hooks" and m.get("step") == step and m.get("run_id"):
+            self.scheduler.run_id = str(m["run_id"])
+            self.scheduler.done_steps.add(step)
+            self.scheduler.owned.append(str(path))
+            log.info("hf_export: resumed at iteration %d: its export %s exists; continuing run %s", step, path, m["run_id"])
+
+    def _set_tokenizer(self, context) -> None:
+        tok = self.config.tokenizer
+        if isinstance(tok, (str, Path)) and str(tok) == "auto":
+            cfg = context.state.cfg
+            saver = _tokenizer_saver(getattr(getattr(cfg, "dataset", None), "tokenizer", None))
+            model_dir = getattr(getattr(cfg, "tokenizer", None), "tokenizer_model", None)
+            if saver is None and model_dir and Path(str(model_dir)).is_dir():
+                saver = str(model_dir)
+            self.scheduler.tokenizer = saver
+        elif isinstance(tok, (str, Path)):
+            self.scheduler.tokenizer = str(Path(tok).expanduser())
+        else:
+            self.scheduler.tokenizer = tok
+
+    @staticmethod
+    def _clean_stale_staging(save: Path) -> None:
+        from ..publish import clean_stale_staging
+
+        if not save.is_dir():
+            return
+        dirs = [save, save / HF_SUBDIR] + sorted(p for p in save.glob("iter_*") if p.is_dir())
+        for d in dirs:
+            if d.is_dir():
+                for p in clean_stale_staging(d):
+                    log.info("hf_export: removed a crashed run's staging directory %s", p)
+
+
+def bridge_callbacks(cfg: Any, key: str = "hf_export", tokenizer: Any = None) -> list:
+    """The callbacks a Megatron-Bridge recipe asks for: ``[HFExportBridgeCallback]`` when
+    ``hf_export.enabled`` is true (``cfg`` is the recipe's config holding ``hf_export``, or
+    that node itself), else ``[]``."""
+    from . import export_node
+
+    node = export_node(cfg, key)
+    return [HFExportBridgeCallback(node, tokenizer=tokenizer)] if node is not None else []

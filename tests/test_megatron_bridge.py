@@ -1,0 +1,145 @@
+"""HFExportBridgeCallback on CPU, driven by a stand-in of Megatron-Bridge's training loop
+(:mod:`nemo_export_hooks.testing.bridge_loop`: Bridge itself needs Python 3.12 and CUDA; the
+real loop is proved on the device by ``tests/gpu/bridge_smoke.py``).
+
+The key property: every export holds exactly the weights its checkpoint saved, checked by
+loading the checkpoint's weights back into a fresh model, exporting that, and comparing the
+two exports tensor by tensor, byte for byte, for synchronous and for async saves (where
+``on_checkpoint_save`` fires iterations later, against a model that has trained on).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import hf_logits, load_hf, tokens_for
+from nemo_export_hooks import export_to_hf
+from nemo_export_hooks.integrations.megatron_bridge import HFExportBridgeCallback, bridge_callbacks, read_tracker
+from nemo_export_hooks.publish import read_manifest, verify_export
+from nemo_export_hooks.testing.bridge_loop import BridgeRun, CheckpointConfig, load_saved_weights
+from nemo_export_hooks.testing.cpu import TinySpec, build_gpt, megatron_logits
+
+ARCH = "qwen3_moe"
+SPEC = TinySpec()
+
+
+def tensors_of(export: Path) -> dict:
+    index = json.loads((export / "model.safetensors.index.json").read_text())
+    out = {}
+    for name, part in index["weight_map"].items():
+        with safe_open(str(export / part), "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def assert_export_holds_checkpoint(export: Path, save: Path, iteration: int, tmp_path: Path) -> None:
+    """Reload iter_N's saved weights into a fresh model, export it, compare byte for byte."""
+    fresh = build_gpt(SPEC, seed=99)  # other initial weights: everything must come from the checkpoint
+    load_saved_weights(fresh, save, iteration)
+    ref = tmp_path / f"ref-{iteration}"
+    export_to_hf(fresh, ref, arch=ARCH, dtype=torch.float32)
+    got, want = tensors_of(export), tensors_of(ref)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), f"iteration {iteration}: {k} differs"
+
+
+def run(tmp_path, async_save, train_iters=6, interval=2, start=0, model=None, unpredicted=(), **cb_kw):
+    save = tmp_path / "ckpt"
+    cb_kw.setdefault("on_busy", "wait")  # exports must not depend on how fast the writer is
+    cb = HFExportBridgeCallback(arch=ARCH, dtype="float32", **cb_kw)
+    model = model if model is not None else build_gpt(SPEC, seed=5)
+    loop = BridgeRun(model, [cb], CheckpointConfig(str(save), interval, async_save), train_iters, start_step=start, unpredicted_saves=unpredicted)
+    loop.run()
+    return cb, loop, save, model
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_each_export_holds_its_checkpoints_weights(mcore, tmp_path, async_save):
+    cb, loop, save, model = run(tmp_path, async_save)
+    assert cb.failed == 0 and cb.skipped == 0
+    assert [e["step"] for e in cb.exports] == [2, 4, 6]
+    if async_save:
+        # the stand-in finalizes two iterations late: exporting the live weights would be wrong
+        assert loop.live_at_finalize == {2: 4, 4: 6, 6: 6}
+    for e in cb.exports:
+        n = e["step"]
+        export = save / f"iter_{n:07d}" / "hf"
+        assert e["path"] == str(export) and e["checkpoint"] == str(save / f"iter_{n:07d}")
+        assert verify_export(export) == []
+        assert_export_holds_checkpoint(export, save, n, tmp_path)
+        m = read_manifest(export)
+        assert m["step"] == n and m["iteration"] == n and m["run_id"] == cb.scheduler.run_id
+    assert read_tracker(save) == 6
+    # the last export against the final model, through transformers
+    hf, info = load_hf(save / "iter_0000006" / "hf")
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    tok = tokens_for(SPEC.vocab_size)
+    diff = (hf_logits(hf, tok) - megatron_logits(model, tok)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_async_weights_differ_between_save_and_finalize(mcore, tmp_path):
+    """The async case above can fail: a copy taken at finalize time would hold other weights."""
+    cb, loop, save, model = run(tmp_path, async_save=True, train_iters=4)
+    fresh = build_gpt(SPEC, seed=99)
+    load_saved_weights(fresh, save, 2)
+    saved = dict(fresh.state_dict())
+    live_later = {k: v for k, v in loop.model.state_dict().items() if "_extra_state" not in k}
+    assert any(not torch.equal(saved[k], v) for k, v in live_later.items() if k in saved)
+    assert_export_holds_checkpoint(save / "iter_0000002" / "hf", save, 2, tmp_path)
+
+
+def test_async_save_at_an_unpredicted_iteration_is_reported_not_exported(mcore, tmp_path, caplog):
+    """A save outside save_interval (Bridge's batch-size ramp-up save) finalized later: no copy
+    was held, the live weights are not the saved ones: nothing is written for it."""
+    cb, loop, save, _ = run(tmp_path, async_save=True, train_iters=6, interval=4, unpredicted=(3,))
+    assert cb.failed == 1
+    assert "iteration 3" in caplog.text and "no copy of iteration 3's weights was held" in caplog.text
+    assert not (save / "iter_0000003" / "hf").exists()
+    assert [e["step"] for e in cb.exports] == [4, 6]
+    assert_export_holds_checkpoint(save / "iter_0000004" / "hf", save, 4, tmp_path)
+
+
+def test_placements_and_every_n_without_checkpoint(mcore, tmp_path):
+    cb, _, save, _ = run(tmp_path, async_save=False, train_iters=4, interval=4, placement="subdir", every_n_train_steps=3)
+    assert [(e["step"], e["path"]) for e in cb.exports] == [(3, str(save / "hf" / "iter_0000003")), (4, str(save / "hf" / "iter_0000004"))]
+    assert (save / "hf" / "latest").resolve() == (save / "hf" / "iter_0000004").resolve()
+    cb2, _, save2, _ = run(tmp_path / "b", async_save=False, train_iters=2, interval=2, placement="sibling")
+    assert cb2.exports[0]["path"] == str(save2 / "iter_0000002-hf")
+    cb3, _, _, _ = run(tmp_path / "c", async_save=False, train_iters=2, interval=2, dirpath=str(tmp_path / "D"), filename="hf-{step:05d}")
+    assert cb3.exports[0]["path"] == str(tmp_path / "D" / "hf-00002")
+
+
+def test_resume_continues_the_lineage(mcore, tmp_path):
+    """Restart from iteration 4 (its export exists): the run id is taken over, iteration 4 is
+    not exported again, the export of iteration 6 replaces the crashed run's (same lineage)."""
+    cb, _, save, _ = run(tmp_path, async_save=False, train_iters=6)
+    first_id = cb.scheduler.run_id
+    model = build_gpt(SPEC, seed=77)
+    load_saved_weights(model, save, 4)
+    cb2, _, _, _ = run(tmp_path, async_save=True, train_iters=6, start=4, model=model)
+    assert cb2.scheduler.run_id == first_id and cb2.failed == 0
+    assert [e["step"] for e in cb2.exports] == [6]
+    assert read_manifest(save / "iter_0000006" / "hf")["run_id"] == first_id
+    assert_export_holds_checkpoint(save / "iter_0000006" / "hf", save, 6, tmp_path)
+
+
+def test_another_runs_export_is_not_replaced(mcore, tmp_path):
+    cb, _, save, _ = run(tmp_path, async_save=False, train_iters=2)
+    cb2, _, _, _ = run(tmp_path, async_save=False, train_iters=2)  # a fresh run, same save dir
+    assert cb2.failed == 1 and cb2.exports == []
+    assert read_manifest(save / "iter_0000002" / "hf")["run_id"] == cb.scheduler.run_id
+
+
+def test_recipe_switch():
+    assert bridge_callbacks({"hf_export": {"enabled": False, "arch": ARCH}}) == []
+    (cb,) = bridge_callbacks({"hf_export": {"enabled": True, "arch": ARCH, "keep_last_k": 2}})
+    assert isinstance(cb, HFExportBridgeCallback) and cb.config.keep_last_k == 2
+    with pytest.raises(ValueError, match="unknown arch"):
+        bridge_callbacks({"hf_export": {"enabled": True, "arch": "gpt5"}})
