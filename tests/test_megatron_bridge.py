@@ -143,3 +143,21 @@ def test_recipe_switch():
     assert isinstance(cb, HFExportBridgeCallback) and cb.config.keep_last_k == 2
     with pytest.raises(ValueError, match="unknown arch"):
         bridge_callbacks({"hf_export": {"enabled": True, "arch": "gpt5"}})
+
+
+@pytest.mark.dist
+def test_two_ranks_async(mcore, tmp_path):
+    """The adapter's collectives on two gloo ranks (tests/dist/bridge_ranks.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_distributed import torchrun
+
+    rc, log = torchrun(2, [str(tmp_path), "async"], tmp_path / "log.txt", program="bridge_ranks.py")
+    assert rc == 0, log[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["world"] == 2 and res["failed"] == 0 and [e["step"] for e in res["exports"]] == [2, 4, 6]
+    save = tmp_path / "ckpt"
+    for e in res["exports"]:
+        assert verify_export(e["path"]) == []
+        assert_export_holds_checkpoint(Path(e["path"]), save, e["step"], tmp_path)

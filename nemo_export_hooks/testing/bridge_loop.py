@@ -124,10 +124,11 @@ class BridgeRun:
     def _save(self, iteration: int) -> None:
         from safetensors.torch import save_file
 
-        d = Path(self.state.cfg.checkpoint.save) / f"iter_{iteration:07d}"
-        d.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
-        save_file(sd, str(d / WEIGHTS))
+        if _rank() == 0:  # replicas are identical (same data on every rank): rank 0 writes
+            d = Path(self.state.cfg.checkpoint.save) / f"iter_{iteration:07d}"
+            d.mkdir(parents=True, exist_ok=True)
+            sd = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+            save_file(sd, str(d / WEIGHTS))
         if self.state.cfg.checkpoint.async_save:
             self.pending.append((iteration, iteration + self.finalize_after))
         else:
@@ -135,7 +136,8 @@ class BridgeRun:
 
     def _finalize(self, iteration: int) -> None:
         save = Path(self.state.cfg.checkpoint.save)
-        (save / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+        if _rank() == 0:  # Bridge's rank 0 writes the tracker before the event fires
+            (save / "latest_checkpointed_iteration.txt").write_text(str(iteration))
         self.live_at_finalize[iteration] = self.state.train_state.step
         self._fire("on_checkpoint_save")
 
@@ -164,6 +166,12 @@ class BridgeRun:
         self._finalize_ready(blocking=True)
         self._fire("on_train_end")
         return self
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def load_saved_weights(model, save_dir: str | Path, iteration: int) -> None:
