@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 from .config import ExportConfig
 from .targets import ExportRefusedError, check_target, remove_staging_of, same_lineage
 
-__all__ = ["ExportScheduler", "Host", "Request", "Job", "STATE_VERSION"]
+__all__ = ["ExportScheduler", "Host", "Request", "Job", "RunResults", "STATE_VERSION"]
 
 log = logging.getLogger("nemo_export_hooks")
 
@@ -96,6 +96,25 @@ class Snapshot:
     prepared: Any
     tensors: Any
     blocking_s: float
+
+
+class RunResults:
+    """What an adapter's run produced, read from its ``scheduler``: ``exports`` (one dict per
+    export: step, path, checkpoint, bytes, seconds, blocking_seconds), ``failed``, ``skipped``."""
+
+    scheduler: "ExportScheduler"
+
+    @property
+    def exports(self) -> list[dict]:
+        return self.scheduler.exports
+
+    @property
+    def failed(self) -> int:
+        return self.scheduler.failed
+
+    @property
+    def skipped(self) -> int:
+        return self.scheduler.skipped
 
 
 class ExportScheduler:

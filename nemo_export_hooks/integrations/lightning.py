@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - lightning is an optional extra
     from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
 
 from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
-from ..scheduler import ExportScheduler, Request
+from ..scheduler import ExportScheduler, Request, RunResults
 from ..targets import ExportRefusedError, check_writable, refuse_inside_checkpoint
 from . import export_node
 
@@ -137,7 +137,7 @@ class _LightningHost:
                 log.debug("hf_export: logger %s refused metrics: %s", type(lg).__name__, e)
 
 
-class HFExportCallback(Callback):
+class HFExportCallback(RunResults, Callback):
     """Export a Hugging Face checkpoint for every training checkpoint (see the module doc).
 
     Args:
@@ -177,19 +177,6 @@ class HFExportCallback(Callback):
             setattr(sched, k, {} if k == "held" else None)
         state["scheduler"] = sched
         return state
-
-    # -- what the run produced ------------------------------------------------------------
-    @property
-    def exports(self) -> list[dict]:
-        return self.scheduler.exports
-
-    @property
-    def failed(self) -> int:
-        return self.scheduler.failed
-
-    @property
-    def skipped(self) -> int:
-        return self.scheduler.skipped
 
     # -- identity / state -----------------------------------------------------------------
     @property

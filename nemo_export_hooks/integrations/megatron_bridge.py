@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
-from ..scheduler import ExportScheduler, Request
+from ..scheduler import ExportScheduler, Request, RunResults
 from ..targets import check_writable, refuse_inside_checkpoint
 
 try:  # the real base class where Megatron-Bridge is installed (Python 3.12, CUDA)
@@ -100,7 +100,7 @@ class _BridgeHost:
             writer.add_scalar(k, v, int(st.train_state.step))
 
 
-class HFExportBridgeCallback(_BridgeCallback):
+class HFExportBridgeCallback(RunResults, _BridgeCallback):
     """Export a Hugging Face checkpoint for every Megatron-Bridge checkpoint (module doc).
 
     Args:
@@ -122,17 +122,6 @@ class HFExportBridgeCallback(_BridgeCallback):
         self._host = _BridgeHost()
         self.scheduler = ExportScheduler(self.config, self._host, allow_inside=self._placement() == "inside")
 
-    @property
-    def exports(self) -> list[dict]:
-        return self.scheduler.exports
-
-    @property
-    def failed(self) -> int:
-        return self.scheduler.failed
-
-    @property
-    def skipped(self) -> int:
-        return self.scheduler.skipped
 
     # -- events ---------------------------------------------------------------------------
     def on_train_start(self, context) -> None:
