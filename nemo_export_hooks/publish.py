@@ -487,12 +487,22 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     every shard is in the index (under that shard), ``total_size`` is the shards' tensor
     bytes, and the manifest's ``num_tensors`` / ``total_bytes`` agree with it; every JSON file
     parses and ``config.json`` is an object.  ``load_config=True`` also loads the config
-    with ``transformers.AutoConfig`` (offline), as a reader would.
+    with ``transformers.AutoConfig`` (offline), as a reader would, and builds the model
+    class on the meta device to compare every tensor's name and shape with the shards (and
+    refuses values of the wrong type or out of range), so that an export that passes loads.
+    No file may be a symlink.
     """
     path = Path(path)
     if not path.is_dir():
         return [f"{path} is not a directory"]
     problems: list[str] = []
+    # An export holds only regular files and directories: a symlink (a shard replaced by a
+    # link to a file elsewhere) is content the manifest does not vouch for, and would change
+    # when its target does.  (``path`` itself may be a link, e.g. ``latest``.)
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink():
+            rel = p.relative_to(path).as_posix()
+            problems.append(f"{rel}: is a symlink (to {os.readlink(p)}); an export holds only regular files")
 
     manifest = None
     mpath = path / MANIFEST_NAME
@@ -515,6 +525,8 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
             problems.append(f"{rel}: manifest entry points outside the export")
             continue
         fp = path / rel
+        if fp.is_symlink():
+            continue  # reported above
         if not fp.is_file():
             problems.append(f"{rel}: listed in the manifest but missing")
             continue
@@ -561,7 +573,10 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
             if not isinstance(cfg, dict):
                 problems.append("config.json is not a JSON object")
             elif load_config:
-                problems.extend(_load_config(path))
+                loaded = _load_config(path)
+                problems.extend(loaded)
+                if not loaded:
+                    problems.extend(_check_against_config(path, cfg))
         except (OSError, ValueError) as e:
             problems.append(f"config.json is not valid JSON: {e}")
     return problems
@@ -579,9 +594,9 @@ def _load_config(path: Path) -> list[str]:
     return []
 
 
-def _shard_header(fp: Path) -> dict:
-    """The tensors of a safetensors file, ``{name: bytes}``, after the library validated it
-    (offsets inside the file, no gaps or overlaps)."""
+def _shard_entries(fp: Path) -> dict:
+    """The tensors of a safetensors file, ``{name: (dtype, shape, bytes)}``, after the
+    library validated it (offsets inside the file, no gaps or overlaps)."""
     from safetensors import safe_open
 
     with safe_open(str(fp), framework="pt") as f:  # reads and validates the header only
@@ -591,7 +606,60 @@ def _shard_header(fp: Path) -> dict:
     with open(fp, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k in keys}
+    return {k: (v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k in keys}
+
+
+def _shard_header(fp: Path) -> dict:
+    """The tensors of a safetensors file, ``{name: bytes}`` (see :func:`_shard_entries`)."""
+    return {k: e[2] for k, e in _shard_entries(fp).items()}
+
+
+_QUANT_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
+
+
+def _check_against_config(path: Path, cfg: dict) -> list[str]:
+    """Names and shapes of the shards against the HF class built from ``config.json`` on
+    the meta device, plus values transformers accepts but no model can have (wrong types,
+    out of range).  Why: ``from_pretrained`` refuses a size mismatch, but leaves missing
+    weights random without raising, and a bad value fails only in the forward pass.  A
+    checkpoint that passes loads.  Nothing is checked when transformers is not installed."""
+    try:
+        import transformers  # noqa: F401
+
+        from .exporter.hf_config import config_problems, expected_hf_shapes
+    except ImportError:
+        return []
+    problems = config_problems(cfg)
+    try:
+        expected = expected_hf_shapes(cfg)
+    except Exception as e:
+        return problems + [f"config.json does not build a transformers model: {type(e).__name__}: {e}"]
+    if expected is None:
+        return problems
+    have: dict = {}
+    files = [path / "model.safetensors"] if not (path / INDEX_NAME).is_file() else sorted(path.glob("*.safetensors"))
+    for fp in files:
+        try:
+            have.update(_shard_entries(fp))
+        except Exception:
+            return problems  # reported by the index check
+    cls = cfg["architectures"][0]
+    base = {n: e for n, e in have.items() if not n.endswith(_QUANT_SUFFIXES)}
+    missing = sorted(set(expected) - set(base))
+    unexpected = sorted(set(base) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) {cls} needs are in no shard (transformers would leave them random): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the shards are not in {cls} built from config.json: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    wrong = []
+    for n in sorted(set(base) & set(expected)):
+        dtype, shape, _ = base[n]
+        logical = (shape[0], shape[1] * 2) if dtype == "U8" and len(shape) == 2 else shape  # NVFP4: two values a byte
+        if tuple(logical) != tuple(expected[n]):
+            wrong.append(f"{n} is {list(logical)}, config.json gives {list(expected[n])}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor shape(s) do not match {cls} built from config.json: " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
+    return problems
 
 
 def _shard_keys(fp: Path) -> set:
