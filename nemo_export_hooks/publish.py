@@ -50,6 +50,8 @@ __all__ = [
     "verify_export",
     "update_latest",
     "apply_retention",
+    "deletable_export",
+    "new_run_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -755,15 +757,72 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> None:
     _fsync_dir(parent)
 
 
-def apply_retention(owned: Iterable[PathLike], keep_last_k: Optional[int]) -> list[Path]:
+def new_run_id() -> str:
+    """A fresh run identity for ``manifest_extra={"run_id": ...}`` (see :func:`apply_retention`)."""
+    return uuid.uuid4().hex
+
+
+def deletable_export(directory: PathLike, expect: Optional[dict] = None) -> Optional[str]:
+    """Why ``directory`` must not be deleted as an export of ours, or ``None`` if it may.
+
+    It may only when it is a real directory (no symlink) whose manifest has our producer
+    name, is unmodified (``manifest_sha256``), carries every field of ``expect`` with that
+    value (``{"run_id": ..., "step": ...}``: this run's export of that step), and whose
+    contents are exactly the manifest's files, with their sizes: nothing else, not even an
+    empty directory or a hidden file.  A user's copy of an export with a notes file added,
+    or another run's export moved under the name, is left alone."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return "it is not a directory"
+    m = read_manifest(directory)
+    if not is_our_export(directory) or not isinstance(m.get("files"), dict):
+        return f"it has no {MANIFEST_NAME} written by {PRODUCER_NAME}"
+    if "manifest_sha256" in m and m["manifest_sha256"] != _manifest_digest(m):
+        return f"its {MANIFEST_NAME} was modified"
+    for k, v in (expect or {}).items():
+        if m.get(k) != v:
+            return f"its manifest says {k}={m.get(k)!r}, this run's export has {k}={v!r}"
+    listed = m["files"]
+    dirs = {p.as_posix() for rel in listed for p in Path(rel).parents if p.as_posix() != "."}
+    for root, dirnames, filenames in os.walk(directory):
+        for n in dirnames + filenames:
+            p = Path(root) / n
+            rel = p.relative_to(directory).as_posix()
+            if p.is_symlink():
+                return f"{rel} is a symlink"
+            if n in dirnames:
+                if rel not in dirs:
+                    return f"it holds {rel}/, which is not in its manifest"
+            elif rel == MANIFEST_NAME:
+                continue
+            elif rel not in listed:
+                return f"it holds {rel}, which is not in its manifest"
+            elif not isinstance(listed[rel], dict) or p.stat().st_size != listed[rel].get("bytes"):
+                return f"{rel} does not have the size its manifest records"
+    for rel in listed:
+        if not (directory / rel).is_file():
+            return f"{rel} (in its manifest) is missing"
+    return None
+
+
+def apply_retention(
+    owned: Iterable[PathLike],
+    keep_last_k: Optional[int],
+    *,
+    run_id: Optional[str] = None,
+    expect: Optional[dict] = None,
+) -> list[Path]:
     """Delete all but the newest ``keep_last_k`` complete exports of ``owned`` (exports this
     process made).
 
     ``owned`` is oldest first.  ``keep_last_k`` of ``None`` or <= 0 keeps everything.  Only
-    complete exports of ours (a real directory with our manifest, which is written last)
-    count towards the ``keep_last_k`` kept, so the newest complete export is never deleted,
-    even if a newer entry of ``owned`` has vanished or been replaced; anything that is not an
-    export of ours (a user may have replaced it) is never deleted.  Returns the removed paths.
+    what :func:`deletable_export` accepts counts as an export of ours: a real directory with
+    our unmodified manifest whose contents are exactly the manifest's files, and, when
+    given, whose manifest says ``run_id`` (this run) and the fields of ``expect[str(path)]``
+    (e.g. ``{"step": 3}``: the export this run made there).  Only those count towards the
+    ``keep_last_k`` kept, so the newest complete export is never deleted, even if a newer
+    entry of ``owned`` has vanished or been replaced; anything else (a user's copy put under
+    the name, with a notes file of theirs) is never deleted.  Returns the removed paths.
     """
     seen: dict = {}
     for p in owned:  # a path listed twice counts once, at its newest position
@@ -777,9 +836,13 @@ def apply_retention(owned: Iterable[PathLike], keep_last_k: Optional[int]) -> li
     for p in owned:
         if not os.path.lexists(p):
             continue
-        if not is_our_export(p):
+        want = dict((expect or {}).get(str(p)) or {})
+        if run_id is not None:
+            want["run_id"] = run_id
+        why = deletable_export(p, want)
+        if why is not None:
             if str(p) in older:
-                log.warning("retention: not deleting %s, it is not an export written by %s", p, PRODUCER_NAME)
+                log.warning("retention: not deleting %s: %s", p, why)
             continue
         ours.append(p)
     removed = []
