@@ -124,6 +124,11 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _named(e: OSError, what: str) -> OSError:
+    """``e`` again, saying what was done to which file (a bare ENOSPC names no file)."""
+    return type(e)(e.errno, f"{what}: {e.strerror or e}") if e.errno is not None else type(e)(f"{what}: {e}")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -132,11 +137,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _named(e, f"cannot write {path}") from e
         raise
 
 
@@ -446,6 +453,11 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
             "the rename would not be atomic (use make_staging_dir)"
         )
 
+    if final_dir.is_symlink():
+        raise FileExistsError(
+            f"export directory {final_dir} is a symlink (to {os.readlink(final_dir)}); the rename would replace "
+            "the link, not write where it points: remove it or publish to the real directory"
+        )
     replacing = os.path.lexists(final_dir)
     if replacing:
         if not overwrite:
@@ -456,18 +468,26 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
                 f"(no {MANIFEST_NAME} with our producer name)"
             )
 
-    _fsync_tree(staging)
+    try:
+        _fsync_tree(staging)
+    except OSError as e:
+        raise _named(e, f"cannot fsync {e.filename or staging}") from e
     _fsync_dir(staging.parent)
 
     old_trash: Optional[Path] = None
     if replacing:
         old_trash = parent / trash_name(final_dir.name)
-        os.rename(final_dir, old_trash)
+        try:
+            os.rename(final_dir, old_trash)
+        except OSError as e:
+            raise _named(e, f"cannot move the old export {final_dir} aside to {old_trash.name}") from e
     try:
         os.rename(staging, final_dir)
-    except BaseException:
+    except BaseException as e:
         if old_trash is not None:
             os.rename(old_trash, final_dir)
+        if isinstance(e, OSError):
+            raise _named(e, f"cannot rename {staging} to {final_dir}") from e
         raise
     release_staging(staging)
     _fsync_dir(parent)

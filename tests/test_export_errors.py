@@ -176,3 +176,57 @@ def test_structural_override_checked_at_callback_setup(mcore):
     m = build_gpt(TinySpec())
     with pytest.raises(ValueError, match=r"vocab_size=7 \(the model has 128\)"):
         prepare_export(m, "qwen3_moe", hf_config_overrides={"vocab_size": 7}, check_hf_keys=True)
+
+
+# -- the output path is checked before writing; I/O errors name the file (issue 15, item 5)
+def _no_staging(tmp_path):
+    return not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+def test_dangling_symlink_out_dir_refused_before_writing(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    out = tmp_path / "hf"
+    out.symlink_to(tmp_path / "gone")
+    with pytest.raises(RuntimeError, match=r"is a dangling symlink \(to .*gone\); an export is published by renaming"):
+        export_to_hf(m, out, arch="qwen3_moe")
+    assert out.is_symlink() and _no_staging(tmp_path)
+
+
+def test_symlink_to_empty_dir_out_dir_refused(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "hf"
+    out.symlink_to(tmp_path / "empty", target_is_directory=True)
+    with pytest.raises(RuntimeError, match=r"hf is a symlink \(to .*empty\).*give the real directory"):
+        export_to_hf(m, out, arch="qwen3_moe", overwrite=True)
+    assert out.is_symlink() and (tmp_path / "empty").is_dir() and _no_staging(tmp_path)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_side_file_disk_full_names_the_file(mcore, tmp_path):
+    """ENOSPC while writing only config.json (the kernel's /dev/full answers every write
+    with it) names config.json."""
+    import errno
+
+    from nemo_export_hooks.exporter.api import _write_side_files, prepare_export
+
+    prepared = prepare_export(build_gpt(TinySpec()), "qwen3_moe")
+    (tmp_path / "config.json").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=r"cannot write .*config.json: No space left on device") as ei:
+        _write_side_files(tmp_path, prepared, None)
+    assert ei.value.errno == errno.ENOSPC
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_manifest_disk_full_names_the_file(tmp_path, monkeypatch):
+    """The manifest's temporary file on a full disk: the error names the manifest."""
+    import uuid
+
+    from nemo_export_hooks import publish as P
+
+    token = uuid.UUID("0" * 32)
+    monkeypatch.setattr(P.uuid, "uuid4", lambda: token)
+    (tmp_path / f".{P.MANIFEST_NAME}.tmp-{token.hex[:8]}").symlink_to("/dev/full")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / P.MANIFEST_NAME}: No space left on device"):
+        P.write_manifest(tmp_path, {"step": 1})

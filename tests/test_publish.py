@@ -187,6 +187,16 @@ def test_publish_refuses_symlink_target(tmp_path):
     assert link.is_symlink() and P.verify_export(real) == []
 
 
+def test_publish_to_dangling_symlink_says_symlink(tmp_path):
+    """Issue 15, item 5: not "already exists (pass overwrite=True ...)"."""
+    link = tmp_path / "hf"
+    link.symlink_to(tmp_path / "gone")
+    staging = P.make_staging_dir(link)
+    with pytest.raises(FileExistsError, match=r"hf is a symlink \(to .*gone\); the rename would replace the link"):
+        P.publish(staging, link)
+    assert link.is_symlink() and staging.is_dir()
+
+
 # -- verify -------------------------------------------------------------------------------
 def _shard(final):
     return sorted(final.glob("model-*.safetensors"))[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -391,31 +392,68 @@ def write_prepared(
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Before anything is written: ``out_dir`` can be published by renaming a staging
+    directory onto it.  A symlink (dangling or not) is refused up front: the rename would
+    replace the link itself, not write where it points, and publish would only find out
+    after every shard was written."""
+    if out_dir.is_symlink():
+        target = os.readlink(out_dir)
+        what = "a dangling symlink" if not out_dir.exists() else "a symlink"
+        raise FileExistsError(
+            f"{out_dir} is {what} (to {target}); an export is published by renaming a directory into place, "
+            f"which would replace the link: remove it, or give the real directory ({os.path.realpath(out_dir)})"
+        )
     if out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()):
+        try:
+            entries = any(out_dir.iterdir())
+        except OSError as e:
+            raise _named(e, out_dir, "cannot list the export directory") from e
+        if entries:
             if not overwrite:
                 raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace an earlier export)")
             if not (out_dir / "export_manifest.json").exists():
                 raise FileExistsError(f"{out_dir} is not an export made by nemo-export-hooks; refusing to overwrite it")
         else:
-            out_dir.rmdir()  # an empty directory is replaced by the atomic rename
+            try:
+                out_dir.rmdir()  # an empty directory is replaced by the atomic rename
+            except OSError as e:
+                raise _named(e, out_dir, "cannot remove the empty export directory") from e
+
+
+def _named(e: OSError, path: Path, what: str) -> OSError:
+    """``e`` again, naming ``path`` and what was being done (a bare ENOSPC names no file)."""
+    err = type(e)(e.errno, f"{what} {path}: {e.strerror or e}") if e.errno is not None else type(e)(f"{what} {path}: {e}")
+    return err
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise _named(e, path, "cannot write") from e
 
 
 def _write_side_files(staging: Path, prepared: PreparedExport, tokenizer: Any) -> None:
+    """config.json, generation_config.json, hf_quant_config.json and the tokenizer; every
+    I/O error names its file."""
     cfg = dict(prepared.hf_config)
     if prepared.quant_algo:
         from . import quant
         from .. import __version__
 
         hf_quant, qcfg = quant.quant_config_files(prepared.quant_algo, prepared.quant_exclude, __version__)
-        (staging / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+        _write_text(staging / "hf_quant_config.json", json.dumps(hf_quant, indent=2) + "\n")
         cfg["quantization_config"] = qcfg
     if tokenizer is not None:
-        _save_tokenizer(tokenizer, staging)
-    (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (staging / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+        try:
+            _save_tokenizer(tokenizer, staging)
+        except OSError as e:
+            raise _named(e, staging, f"cannot save the tokenizer ({getattr(e, 'filename', None) or type(tokenizer).__name__}) into") from e
+    _write_text(staging / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _write_text(staging / "generation_config.json", json.dumps(generation_config(cfg), indent=2) + "\n")
 
 
 def _save_tokenizer(tokenizer: Any, staging: Path) -> None:
