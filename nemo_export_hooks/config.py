@@ -37,6 +37,7 @@ one path component: absolute paths, ``..``, separators, hidden names and the res
 ``latest`` / ``latest.txt`` are rejected.
 """
 
+import logging
 import os
 import unicodedata
 from dataclasses import dataclass, field, fields
@@ -54,7 +55,10 @@ __all__ = [
     "render_filename",
     "check_filename_template",
     "name_max",
+    "note_symlinked_dirpath",
 ]
+
+log = logging.getLogger("nemo_export_hooks")
 
 PLACEMENTS = ("auto", "sibling", "subdir")
 ON_BUSY = ("skip", "wait")
@@ -236,6 +240,8 @@ class ExportConfig:
         p = self.problems()
         if p:
             raise ValueError("invalid hf_export config:\n  - " + "\n  - ".join(p))
+        if self.enabled and self.dirpath is not None:
+            note_symlinked_dirpath(self.dirpath)
         return self
 
     @property
@@ -303,6 +309,27 @@ def name_max(directory: Any = None) -> int:
         return int(os.pathconf(p, "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):
         return 255
+
+
+_NOTED: set = set()
+
+
+def note_symlinked_dirpath(dirpath: Any) -> Optional[Path]:
+    """A ``dirpath`` reached through a symlink is followed: exports, their staging
+    directories and ``latest`` are created in the directory it resolves to (so the atomic
+    rename happens on that file system).  Logged once per process and (path, target), so the
+    redirection is never silent; returns the resolved directory, or ``None`` when no
+    symlink is involved."""
+    p = Path(dirpath).expanduser().absolute()
+    real = Path(os.path.realpath(p))
+    if real == Path(os.path.normpath(p)):
+        return None
+    key = (str(p), str(real))
+    if key not in _NOTED:
+        _NOTED.add(key)
+        link = next((q for q in (p, *p.parents) if q.is_symlink()), p)
+        log.info("hf_export: dirpath %s goes through the symlink %s -> %s; exports are written in %s", p, link, os.readlink(link) if link.is_symlink() else "?", real)
+    return real
 
 
 def check_filename_template(template: str, directory: Any = None) -> None:

@@ -747,12 +747,18 @@ def _check_index(path: Path) -> tuple[list[str], Optional[tuple[int, int]]]:
 
 
 # -- latest pointer and retention ---------------------------------------------------------
-def update_latest(parent: PathLike, final_dir: PathLike) -> None:
-    """Point ``parent/latest`` (relative symlink) and ``parent/latest.txt`` at ``final_dir``.
+def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
+    """Point ``parent/latest`` (relative symlink) and ``parent/latest.txt`` at ``final_dir``,
+    unless they already point at an export of a later step; return whether they moved.
 
-    Both are replaced atomically (temporary + ``os.replace``), so readers see the old or the
-    new target.  ``latest.txt`` (the name plus a newline) serves filesystems without
-    symlinks; if symlinks are unsupported only the text file is written.
+    ``latest`` means the export of the highest step in ``parent`` (steps from the
+    manifests): two runs sharing a directory would otherwise fight over it, the last to
+    publish winning even with an older step.  An export without a step, or a pointer whose
+    target is gone or has no step, is replaced as before.  Updates are serialised across
+    processes by an ``flock`` on ``parent`` (where supported).  Both files are replaced
+    atomically (temporary + ``os.replace``), so readers see the old or the new target.
+    ``latest.txt`` (the name plus a newline) serves filesystems without symlinks; if
+    symlinks are unsupported only the text file is written.
     """
     parent, final_dir = Path(parent), Path(final_dir)
     if final_dir.parent.resolve() != parent.resolve():
@@ -762,19 +768,76 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> None:
     link = parent / LATEST_LINK
     if link.exists() and not link.is_symlink():
         raise FileExistsError(f"{link} exists and is not a symlink; refusing to replace it")
-    tmp = parent / f".{LATEST_LINK}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        os.symlink(final_dir.name, tmp, target_is_directory=True)
-    except (OSError, NotImplementedError) as e:
-        log.info("symlinks unavailable in %s (%s); writing only %s", parent, e, LATEST_TXT)
-    else:
+    with _dir_lock(parent):
+        current = _latest_target(parent)
+        new_step, cur_step = _manifest_step(final_dir), _manifest_step(current) if current is not None else None
+        if current is not None and current.name != final_dir.name and new_step is not None and cur_step is not None and cur_step > new_step:
+            log.info("latest in %s stays at %s (step %d): %s is step %d", parent, current.name, cur_step, final_dir.name, new_step)
+            return False
+        tmp = parent / f".{LATEST_LINK}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            os.replace(tmp, link)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    _atomic_write_text(parent / LATEST_TXT, final_dir.name + "\n")
-    _fsync_dir(parent)
+            os.symlink(final_dir.name, tmp, target_is_directory=True)
+        except (OSError, NotImplementedError) as e:
+            log.info("symlinks unavailable in %s (%s); writing only %s", parent, e, LATEST_TXT)
+        else:
+            try:
+                os.replace(tmp, link)
+            except BaseException as e:
+                os.unlink(tmp)
+                if isinstance(e, OSError):
+                    raise _named(e, f"cannot replace {link}") from e
+                raise
+        _atomic_write_text(parent / LATEST_TXT, final_dir.name + "\n")
+        _fsync_dir(parent)
+    return True
+
+
+def _latest_target(parent: Path) -> Optional[Path]:
+    """The directory ``latest`` (or, without it, ``latest.txt``) names, if it exists."""
+    name = None
+    link = parent / LATEST_LINK
+    if link.is_symlink():
+        name = os.readlink(link)
+    elif (parent / LATEST_TXT).is_file():
+        try:
+            name = (parent / LATEST_TXT).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+    if not name or Path(name).name != name:
+        return None
+    target = parent / name
+    return target if target.is_dir() else None
+
+
+def _manifest_step(directory: Path) -> Optional[int]:
+    m = read_manifest(directory) if is_our_export(directory) else None
+    step = m.get("step") if m else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+class _dir_lock:
+    """``flock`` on a directory for the duration of a block (no lock file is created);
+    nothing is locked where the file system does not support it."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self.fd = os.open(self.path, _O_DIR)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+        return False
 
 
 def new_run_id() -> str:

@@ -160,3 +160,19 @@ def test_filename_messages_and_file_system_limit(tmp_path):
     # setup (validate) refuses it, listing it with the other problems
     with pytest.raises(ValueError, match=r"invalid hf_export config:\n  - filename '\{step:0>300\}' is rejected"):
         ExportConfig(arch="qwen3_moe", dirpath=str(tmp_path), filename="{step:0>300}").validate()
+
+
+def test_symlinked_dirpath_is_followed_and_logged_once(tmp_path, caplog):
+    """Issue 15, item 6: a dirpath reached through a symlink is followed, and said so once."""
+    import logging
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    d = tmp_path / "link" / "exports"
+    with caplog.at_level(logging.INFO, logger="nemo_export_hooks"):
+        cfg = ExportConfig(arch="qwen3_moe", dirpath=str(d))  # validate() at construction
+        cfg.validate()  # and again at setup
+        ExportConfig(arch="qwen3_moe", dirpath=str(real)).validate()  # no symlink: nothing said
+    notes = [r.getMessage() for r in caplog.records if "symlink" in r.getMessage()]
+    assert notes == [f"hf_export: dirpath {d} goes through the symlink {tmp_path / 'link'} -> {real}; exports are written in {real / 'exports'}"]

@@ -268,6 +268,24 @@ def test_update_latest_points_to_newest(tmp_path):
         P.update_latest(tmp_path / "hf-step100", b)
 
 
+def test_update_latest_never_moves_to_an_older_step(tmp_path):
+    """Issue 15, item 6: two runs sharing a directory; the one publishing last has the older step."""
+    a = make_export(tmp_path / "run-a-step5", seed=5)
+    b = make_export(tmp_path / "run-b-step3", seed=3)
+    assert P.update_latest(tmp_path, a) is True
+    assert P.update_latest(tmp_path, b) is False
+    assert os.readlink(tmp_path / "latest") == "run-a-step5" and (tmp_path / "latest.txt").read_text() == "run-a-step5\n"
+    c = make_export(tmp_path / "run-b-step7", seed=7)
+    assert P.update_latest(tmp_path, c) is True and os.readlink(tmp_path / "latest") == "run-b-step7"
+    # the same step again (a re-export) and a target that has gone both move it
+    d = make_export(tmp_path / "run-a-step7", seed=7)
+    assert P.update_latest(tmp_path, d) is True
+    import shutil
+
+    shutil.rmtree(d)
+    assert P.update_latest(tmp_path, b) is True and os.readlink(tmp_path / "latest") == "run-b-step3"
+
+
 def test_update_latest_refuses_real_directory_named_latest(tmp_path):
     a = make_export(tmp_path / "hf-1")
     (tmp_path / "latest").mkdir()
