@@ -224,7 +224,7 @@ def _names_shapes_problem(ours: dict, expected: dict, hf_config: dict, overridde
     base = {n: s for n, s in ours.items() if not n.endswith(QUANT_SUFFIXES)}
     missing = sorted(set(expected) - set(base))
     unexpected = sorted(set(base) - set(expected))
-    wrong = sorted(n for n in set(base) & set(expected) if tuple(base[n]) != tuple(expected[n]))
+    wrong = sorted(n for n in set(base) & set(expected) if expected[n] is not None and tuple(base[n]) != tuple(expected[n]))
     if not (missing or unexpected or wrong):
         return None
     cls = hf_config["architectures"][0]
