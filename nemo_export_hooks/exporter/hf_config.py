@@ -1,10 +1,12 @@
-"""The HF ``config.json`` generated from the model alone, and the key set it implies.
+"""The HF ``config.json`` generated from the model alone, and the tensors it implies.
 
 No reference HF directory is needed: the rule's builder reads ``TransformerConfig`` and the
-model's own attributes; ``hf_config_overrides`` may replace any field.  When
-``transformers`` is importable, the HF class is instantiated on the meta device from that
-config to list the exact keys ``from_pretrained`` will expect, so a naming mistake fails
-the export instead of producing a checkpoint with missing weights.
+model's own attributes; ``hf_config_overrides`` are merged in after :func:`check_overrides`
+refused those that contradict the model.  When ``transformers`` is importable, the HF class
+is instantiated on the meta device from the final config to list the exact keys and shapes
+``from_pretrained`` will expect (:func:`expected_hf_shapes`), so a naming mistake or an
+override that changes the structure fails the export instead of producing a checkpoint
+with missing or mis-sized weights; ``verify`` uses the same on a written ``config.json``.
 """
 
 from __future__ import annotations
