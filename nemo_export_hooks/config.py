@@ -37,6 +37,9 @@ one path component: absolute paths, ``..``, separators, hidden names and the res
 ``latest`` / ``latest.txt`` are rejected.
 """
 
+import logging
+import os
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from string import Formatter
@@ -51,7 +54,11 @@ __all__ = [
     "HF_SUBDIR",
     "render_filename",
     "check_filename_template",
+    "name_max",
+    "note_symlinked_dirpath",
 ]
+
+log = logging.getLogger("nemo_export_hooks")
 
 PLACEMENTS = ("auto", "sibling", "subdir", "inside")
 ON_BUSY = ("skip", "wait")
@@ -214,7 +221,7 @@ class ExportConfig:
             p.append(f"dirpath {self.dirpath!r} is a remote URL; exports need a (shared) filesystem path")
         if self.filename is not None:
             try:
-                check_filename_template(self.filename)
+                check_filename_template(self.filename, self.dirpath)
             except ValueError as e:
                 p.append(str(e))
         tok = self.tokenizer
@@ -233,6 +240,8 @@ class ExportConfig:
         p = self.problems()
         if p:
             raise ValueError("invalid hf_export config:\n  - " + "\n  - ".join(p))
+        if self.enabled and self.dirpath is not None:
+            note_symlinked_dirpath(self.dirpath)
         return self
 
     @property
@@ -284,8 +293,49 @@ def _tokenizer_saver(tok: Any):
     return None
 
 
-def check_filename_template(template: str) -> None:
-    """Reject a filename template that is not one safe path component."""
+# The longest name made from an export's name: its hidden staging sibling
+# ``.{name}.staging-{8 hex}`` (publish.staging_name); it must fit the file system too.
+_STAGING_OVERHEAD = len(".") + len(".staging-") + 8
+
+
+def name_max(directory: Any = None) -> int:
+    """The file system's limit on one name (``NAME_MAX``, in bytes) where ``directory`` is
+    or would be created: asked of its nearest existing ancestor (the working directory when
+    ``None``); 255, the common limit, when the system cannot tell."""
+    p = Path(directory).expanduser().absolute() if directory is not None else Path.cwd()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    try:
+        return int(os.pathconf(p, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+_NOTED: set = set()
+
+
+def note_symlinked_dirpath(dirpath: Any) -> Optional[Path]:
+    """A ``dirpath`` reached through a symlink is followed: exports, their staging
+    directories and ``latest`` are created in the directory it resolves to (so the atomic
+    rename happens on that file system).  Logged once per process and (path, target), so the
+    redirection is never silent; returns the resolved directory, or ``None`` when no
+    symlink is involved."""
+    p = Path(dirpath).expanduser().absolute()
+    real = Path(os.path.realpath(p))
+    if real == Path(os.path.normpath(p)):
+        return None
+    key = (str(p), str(real))
+    if key not in _NOTED:
+        _NOTED.add(key)
+        link = next((q for q in (p, *p.parents) if q.is_symlink()), p)
+        log.info("hf_export: dirpath %s goes through the symlink %s -> %s; exports are written in %s", p, link, os.readlink(link) if link.is_symlink() else "?", real)
+    return real
+
+
+def check_filename_template(template: str, directory: Any = None) -> None:
+    """Reject a filename template that is not one safe path component, or whose rendered
+    names cannot be created in ``directory`` (too long for its file system, counting the
+    staging name made from it)."""
     if not isinstance(template, str) or not template.strip():
         raise ValueError(f"filename must be a non-empty template string, got {template!r}")
     try:
@@ -297,18 +347,29 @@ def check_filename_template(template: str) -> None:
             continue
         if fname not in TEMPLATE_FIELDS:
             raise ValueError(f"filename {template!r} uses {{{fname}}}; allowed fields: " + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
-    for sample in ({"checkpoint": "epoch=0-step=10", "step": 10, "epoch": 0}, {"checkpoint": "x", "step": 0, "epoch": 0}):
+    limit = name_max(directory)
+    samples = (
+        {"checkpoint": "epoch=0-step=10", "step": 10, "epoch": 0},
+        {"checkpoint": "x", "step": 0, "epoch": 0},
+        {"checkpoint": "epoch=999-step=999999999", "step": 999_999_999, "epoch": 999},  # long runs
+    )
+    for sample in samples:
         try:
             name = template.format(**sample)
         except (ValueError, KeyError, IndexError) as e:
             raise ValueError(f"filename {template!r} cannot be rendered: {type(e).__name__}: {e}") from None
-        _check_component(name, template)
+        _check_component(name, template, limit)
 
 
-def _check_component(name: str, template: str) -> None:
+def _check_component(name: str, template: str, limit: int = 255) -> None:
     why = None
+    bad = sorted({c for c in name if unicodedata.category(c) == "Cc"})
     if not name:
         why = "it renders to an empty name"
+    elif bad:
+        why = "it contains control character(s) " + ", ".join(repr(c) for c in bad)
+    elif name != name.strip():
+        why = "it starts or ends with whitespace"
     elif name.startswith("/") or Path(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
         why = "it is an absolute path"
     elif ".." in name.replace("\\", "/").split("/"):
@@ -321,14 +382,27 @@ def _check_component(name: str, template: str) -> None:
         why = "hidden names are reserved for staging directories"
     elif name in _RESERVED_NAMES:
         why = f"{name!r} is reserved for the latest-export pointer"
+    else:
+        try:
+            n = len(os.fsencode(name))
+        except UnicodeError:
+            why = "it cannot be encoded as a file name on this system"
+        else:
+            if n + _STAGING_OVERHEAD > limit:
+                why = (
+                    f"it renders to a name of {n} bytes ({name[:40]!r}...); with its staging name "
+                    f"(.NAME.staging-XXXXXXXX, {_STAGING_OVERHEAD} bytes more) that exceeds the file system's "
+                    f"limit of {limit} bytes per name (at most {limit - _STAGING_OVERHEAD})"
+                )
     if why:
         raise ValueError(f"filename {template!r} is rejected: {why}")
 
 
-def render_filename(template: str, checkpoint: str, step: int, epoch: int) -> str:
-    """Render a (checked) filename template; the result is re-checked."""
+def render_filename(template: str, checkpoint: str, step: int, epoch: int, directory: Any = None) -> str:
+    """Render a (checked) filename template; the result is re-checked (its length against
+    ``NAME_MAX`` of ``directory``, 255 when not given)."""
     name = template.format(checkpoint=checkpoint, step=int(step), epoch=int(epoch))
-    _check_component(name, template)
+    _check_component(name, template, name_max(directory) if directory is not None else 255)
     return name
 
 

@@ -50,6 +50,8 @@ __all__ = [
     "verify_export",
     "update_latest",
     "apply_retention",
+    "deletable_export",
+    "new_run_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,11 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _named(e: OSError, what: str) -> OSError:
+    """``e`` again, saying what was done to which file (a bare ENOSPC names no file)."""
+    return type(e)(e.errno, f"{what}: {e.strerror or e}") if e.errno is not None else type(e)(f"{what}: {e}")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -130,11 +137,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _named(e, f"cannot write {path}") from e
         raise
 
 
@@ -444,6 +453,11 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
             "the rename would not be atomic (use make_staging_dir)"
         )
 
+    if final_dir.is_symlink():
+        raise FileExistsError(
+            f"export directory {final_dir} is a symlink (to {os.readlink(final_dir)}); the rename would replace "
+            "the link, not write where it points: remove it or publish to the real directory"
+        )
     replacing = os.path.lexists(final_dir)
     if replacing:
         if not overwrite:
@@ -454,18 +468,26 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
                 f"(no {MANIFEST_NAME} with our producer name)"
             )
 
-    _fsync_tree(staging)
+    try:
+        _fsync_tree(staging)
+    except OSError as e:
+        raise _named(e, f"cannot fsync {e.filename or staging}") from e
     _fsync_dir(staging.parent)
 
     old_trash: Optional[Path] = None
     if replacing:
         old_trash = parent / trash_name(final_dir.name)
-        os.rename(final_dir, old_trash)
+        try:
+            os.rename(final_dir, old_trash)
+        except OSError as e:
+            raise _named(e, f"cannot move the old export {final_dir} aside to {old_trash.name}") from e
     try:
         os.rename(staging, final_dir)
-    except BaseException:
+    except BaseException as e:
         if old_trash is not None:
             os.rename(old_trash, final_dir)
+        if isinstance(e, OSError):
+            raise _named(e, f"cannot rename {staging} to {final_dir}") from e
         raise
     release_staging(staging)
     _fsync_dir(parent)
@@ -487,12 +509,22 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     every shard is in the index (under that shard), ``total_size`` is the shards' tensor
     bytes, and the manifest's ``num_tensors`` / ``total_bytes`` agree with it; every JSON file
     parses and ``config.json`` is an object.  ``load_config=True`` also loads the config
-    with ``transformers.AutoConfig`` (offline), as a reader would.
+    with ``transformers.AutoConfig`` (offline), as a reader would, and builds the model
+    class on the meta device to compare every tensor's name and shape with the shards (and
+    refuses values of the wrong type or out of range), so that an export that passes loads.
+    No file may be a symlink.
     """
     path = Path(path)
     if not path.is_dir():
         return [f"{path} is not a directory"]
     problems: list[str] = []
+    # An export holds only regular files and directories: a symlink (a shard replaced by a
+    # link to a file elsewhere) is content the manifest does not vouch for, and would change
+    # when its target does.  (``path`` itself may be a link, e.g. ``latest``.)
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink():
+            rel = p.relative_to(path).as_posix()
+            problems.append(f"{rel}: is a symlink (to {os.readlink(p)}); an export holds only regular files")
 
     manifest = None
     mpath = path / MANIFEST_NAME
@@ -515,6 +547,8 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
             problems.append(f"{rel}: manifest entry points outside the export")
             continue
         fp = path / rel
+        if fp.is_symlink():
+            continue  # reported above
         if not fp.is_file():
             problems.append(f"{rel}: listed in the manifest but missing")
             continue
@@ -561,7 +595,10 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
             if not isinstance(cfg, dict):
                 problems.append("config.json is not a JSON object")
             elif load_config:
-                problems.extend(_load_config(path))
+                loaded = _load_config(path)
+                problems.extend(loaded)
+                if not loaded:
+                    problems.extend(_check_against_config(path, cfg))
         except (OSError, ValueError) as e:
             problems.append(f"config.json is not valid JSON: {e}")
     return problems
@@ -579,9 +616,9 @@ def _load_config(path: Path) -> list[str]:
     return []
 
 
-def _shard_header(fp: Path) -> dict:
-    """The tensors of a safetensors file, ``{name: bytes}``, after the library validated it
-    (offsets inside the file, no gaps or overlaps)."""
+def _shard_entries(fp: Path) -> dict:
+    """The tensors of a safetensors file, ``{name: (dtype, shape, bytes)}``, after the
+    library validated it (offsets inside the file, no gaps or overlaps)."""
     from safetensors import safe_open
 
     with safe_open(str(fp), framework="pt") as f:  # reads and validates the header only
@@ -591,7 +628,60 @@ def _shard_header(fp: Path) -> dict:
     with open(fp, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k in keys}
+    return {k: (v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k in keys}
+
+
+def _shard_header(fp: Path) -> dict:
+    """The tensors of a safetensors file, ``{name: bytes}`` (see :func:`_shard_entries`)."""
+    return {k: e[2] for k, e in _shard_entries(fp).items()}
+
+
+_QUANT_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
+
+
+def _check_against_config(path: Path, cfg: dict) -> list[str]:
+    """Names and shapes of the shards against the HF class built from ``config.json`` on
+    the meta device, plus values transformers accepts but no model can have (wrong types,
+    out of range).  Why: ``from_pretrained`` refuses a size mismatch, but leaves missing
+    weights random without raising, and a bad value fails only in the forward pass.  A
+    checkpoint that passes loads.  Nothing is checked when transformers is not installed."""
+    try:
+        import transformers  # noqa: F401
+
+        from .exporter.hf_config import config_problems, expected_hf_shapes
+    except ImportError:
+        return []
+    problems = config_problems(cfg)
+    try:
+        expected = expected_hf_shapes(cfg)
+    except Exception as e:
+        return problems + [f"config.json does not build a transformers model: {type(e).__name__}: {e}"]
+    if expected is None:
+        return problems
+    have: dict = {}
+    files = [path / "model.safetensors"] if not (path / INDEX_NAME).is_file() else sorted(path.glob("*.safetensors"))
+    for fp in files:
+        try:
+            have.update(_shard_entries(fp))
+        except Exception:
+            return problems  # reported by the index check
+    cls = cfg["architectures"][0]
+    base = {n: e for n, e in have.items() if not n.endswith(_QUANT_SUFFIXES)}
+    missing = sorted(set(expected) - set(base))
+    unexpected = sorted(set(base) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) {cls} needs are in no shard (transformers would leave them random): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the shards are not in {cls} built from config.json: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    wrong = []
+    for n in sorted(set(base) & set(expected)):
+        dtype, shape, _ = base[n]
+        logical = (shape[0], shape[1] * 2) if dtype == "U8" and len(shape) == 2 else shape  # NVFP4: two values a byte
+        if expected[n] is not None and tuple(logical) != tuple(expected[n]):
+            wrong.append(f"{n} is {list(logical)}, config.json gives {list(expected[n])}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor shape(s) do not match {cls} built from config.json: " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
+    return problems
 
 
 def _shard_keys(fp: Path) -> set:
@@ -657,12 +747,18 @@ def _check_index(path: Path) -> tuple[list[str], Optional[tuple[int, int]]]:
 
 
 # -- latest pointer and retention ---------------------------------------------------------
-def update_latest(parent: PathLike, final_dir: PathLike) -> None:
-    """Point ``parent/latest`` (relative symlink) and ``parent/latest.txt`` at ``final_dir``.
+def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
+    """Point ``parent/latest`` (relative symlink) and ``parent/latest.txt`` at ``final_dir``,
+    unless they already point at an export of a later step; return whether they moved.
 
-    Both are replaced atomically (temporary + ``os.replace``), so readers see the old or the
-    new target.  ``latest.txt`` (the name plus a newline) serves filesystems without
-    symlinks; if symlinks are unsupported only the text file is written.
+    ``latest`` means the export of the highest step in ``parent`` (steps from the
+    manifests): two runs sharing a directory would otherwise fight over it, the last to
+    publish winning even with an older step.  An export without a step, or a pointer whose
+    target is gone or has no step, is replaced as before.  Updates are serialised across
+    processes by an ``flock`` on ``parent`` (where supported).  Both files are replaced
+    atomically (temporary + ``os.replace``), so readers see the old or the new target.
+    ``latest.txt`` (the name plus a newline) serves filesystems without symlinks; if
+    symlinks are unsupported only the text file is written.
     """
     parent, final_dir = Path(parent), Path(final_dir)
     if final_dir.parent.resolve() != parent.resolve():
@@ -672,30 +768,144 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> None:
     link = parent / LATEST_LINK
     if link.exists() and not link.is_symlink():
         raise FileExistsError(f"{link} exists and is not a symlink; refusing to replace it")
-    tmp = parent / f".{LATEST_LINK}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        os.symlink(final_dir.name, tmp, target_is_directory=True)
-    except (OSError, NotImplementedError) as e:
-        log.info("symlinks unavailable in %s (%s); writing only %s", parent, e, LATEST_TXT)
-    else:
+    with _dir_lock(parent):
+        current = _latest_target(parent)
+        new_step, cur_step = _manifest_step(final_dir), _manifest_step(current) if current is not None else None
+        if current is not None and current.name != final_dir.name and new_step is not None and cur_step is not None and cur_step > new_step:
+            log.info("latest in %s stays at %s (step %d): %s is step %d", parent, current.name, cur_step, final_dir.name, new_step)
+            return False
+        tmp = parent / f".{LATEST_LINK}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            os.replace(tmp, link)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    _atomic_write_text(parent / LATEST_TXT, final_dir.name + "\n")
-    _fsync_dir(parent)
+            os.symlink(final_dir.name, tmp, target_is_directory=True)
+        except (OSError, NotImplementedError) as e:
+            log.info("symlinks unavailable in %s (%s); writing only %s", parent, e, LATEST_TXT)
+        else:
+            try:
+                os.replace(tmp, link)
+            except BaseException as e:
+                os.unlink(tmp)
+                if isinstance(e, OSError):
+                    raise _named(e, f"cannot replace {link}") from e
+                raise
+        _atomic_write_text(parent / LATEST_TXT, final_dir.name + "\n")
+        _fsync_dir(parent)
+    return True
 
 
-def apply_retention(owned: Iterable[PathLike], keep_last_k: Optional[int]) -> list[Path]:
+def _latest_target(parent: Path) -> Optional[Path]:
+    """The directory ``latest`` (or, without it, ``latest.txt``) names, if it exists."""
+    name = None
+    link = parent / LATEST_LINK
+    if link.is_symlink():
+        name = os.readlink(link)
+    elif (parent / LATEST_TXT).is_file():
+        try:
+            name = (parent / LATEST_TXT).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+    if not name or Path(name).name != name:
+        return None
+    target = parent / name
+    return target if target.is_dir() else None
+
+
+def _manifest_step(directory: Path) -> Optional[int]:
+    m = read_manifest(directory) if is_our_export(directory) else None
+    step = m.get("step") if m else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+class _dir_lock:
+    """``flock`` on a directory for the duration of a block (no lock file is created);
+    nothing is locked where the file system does not support it."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self.fd = os.open(self.path, _O_DIR)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+        return False
+
+
+def new_run_id() -> str:
+    """A fresh run identity for ``manifest_extra={"run_id": ...}`` (see :func:`apply_retention`)."""
+    return uuid.uuid4().hex
+
+
+def deletable_export(directory: PathLike, expect: Optional[dict] = None) -> Optional[str]:
+    """Why ``directory`` must not be deleted as an export of ours, or ``None`` if it may.
+
+    It may only when it is a real directory (no symlink) whose manifest has our producer
+    name, is unmodified (``manifest_sha256``), carries every field of ``expect`` with that
+    value (``{"run_id": ..., "step": ...}``: this run's export of that step), and whose
+    contents are exactly the manifest's files, with their sizes: nothing else, not even an
+    empty directory or a hidden file.  A user's copy of an export with a notes file added,
+    or another run's export moved under the name, is left alone."""
+    directory = Path(directory)
+    if directory.is_symlink() or not directory.is_dir():
+        return "it is not a directory"
+    m = read_manifest(directory)
+    if not is_our_export(directory) or not isinstance(m.get("files"), dict):
+        return f"it has no {MANIFEST_NAME} written by {PRODUCER_NAME}"
+    if "manifest_sha256" in m and m["manifest_sha256"] != _manifest_digest(m):
+        return f"its {MANIFEST_NAME} was modified"
+    for k, v in (expect or {}).items():
+        if m.get(k) != v:
+            return f"its manifest says {k}={m.get(k)!r}, this run's export has {k}={v!r}"
+    listed = m["files"]
+    dirs = {p.as_posix() for rel in listed for p in Path(rel).parents if p.as_posix() != "."}
+    for root, dirnames, filenames in os.walk(directory):
+        for n in dirnames + filenames:
+            p = Path(root) / n
+            rel = p.relative_to(directory).as_posix()
+            if p.is_symlink():
+                return f"{rel} is a symlink"
+            if n in dirnames:
+                if rel not in dirs:
+                    return f"it holds {rel}/, which is not in its manifest"
+            elif rel == MANIFEST_NAME:
+                continue
+            elif rel not in listed:
+                return f"it holds {rel}, which is not in its manifest"
+            elif not isinstance(listed[rel], dict) or p.stat().st_size != listed[rel].get("bytes"):
+                return f"{rel} does not have the size its manifest records"
+    for rel in listed:
+        if not (directory / rel).is_file():
+            return f"{rel} (in its manifest) is missing"
+    return None
+
+
+def apply_retention(
+    owned: Iterable[PathLike],
+    keep_last_k: Optional[int],
+    *,
+    run_id: Optional[str] = None,
+    expect: Optional[dict] = None,
+) -> list[Path]:
     """Delete all but the newest ``keep_last_k`` complete exports of ``owned`` (exports this
     process made).
 
     ``owned`` is oldest first.  ``keep_last_k`` of ``None`` or <= 0 keeps everything.  Only
-    complete exports of ours (a real directory with our manifest, which is written last)
-    count towards the ``keep_last_k`` kept, so the newest complete export is never deleted,
-    even if a newer entry of ``owned`` has vanished or been replaced; anything that is not an
-    export of ours (a user may have replaced it) is never deleted.  Returns the removed paths.
+    what :func:`deletable_export` accepts counts as an export of ours: a real directory with
+    our unmodified manifest whose contents are exactly the manifest's files, and, when
+    given, whose manifest says ``run_id`` (this run) and the fields of ``expect[str(path)]``
+    (e.g. ``{"step": 3}``: the export this run made there).  Only those count towards the
+    ``keep_last_k`` kept, so the newest complete export is never deleted, even if a newer
+    entry of ``owned`` has vanished or been replaced; anything else (a user's copy put under
+    the name, with a notes file of theirs) is never deleted.  Returns the removed paths.
     """
     seen: dict = {}
     for p in owned:  # a path listed twice counts once, at its newest position
@@ -709,9 +919,13 @@ def apply_retention(owned: Iterable[PathLike], keep_last_k: Optional[int]) -> li
     for p in owned:
         if not os.path.lexists(p):
             continue
-        if not is_our_export(p):
+        want = dict((expect or {}).get(str(p)) or {})
+        if run_id is not None:
+            want["run_id"] = run_id
+        why = deletable_export(p, want)
+        if why is not None:
             if str(p) in older:
-                log.warning("retention: not deleting %s, it is not an export written by %s", p, PRODUCER_NAME)
+                log.warning("retention: not deleting %s: %s", p, why)
             continue
         ours.append(p)
     removed = []

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from nemo_export_hooks import publish as P
 from nemo_export_hooks.cli import main
+from nemo_export_hooks.exporter.hf_config import expected_hf_shapes
 from nemo_export_hooks.exporter.writer import ShardWriter, finalize_shards
+
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
+    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2, "tie_word_embeddings": True,
+}
 
 
 @pytest.fixture
@@ -17,10 +25,11 @@ def export_dir(tmp_path):
     final = tmp_path / "hf-step10"
     staging = P.make_staging_dir(final)
     w = ShardWriter(staging, 64, prefix="rank00000")
-    for i in range(4):
-        w.add(f"w{i}", torch.full((4, 3), float(i)))
+    # every tensor a one-layer llama of this config has (verify builds it on the meta device)
+    for i, (name, shape) in enumerate(sorted(expected_hf_shapes(TINY_LLAMA).items())):
+        w.add(name, torch.full(shape, float(i)))
     finalize_shards(staging, w.close(), total_size=w.total_bytes)
-    (staging / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (staging / "config.json").write_text(json.dumps(TINY_LLAMA))
     P.write_manifest(staging, {"step": 10})
     return P.publish(staging, final)
 
@@ -31,6 +40,11 @@ def test_verify_ok(export_dir, capsys):
     manifest = json.loads((export_dir / P.MANIFEST_NAME).read_text())
     nbytes = sum(f["bytes"] for f in manifest["files"].values())
     assert out.startswith("OK:") and f"{len(manifest['files'])} files, {nbytes} bytes" in out
+    # what verify passes loads, every weight from the shards
+    from transformers import AutoModelForCausalLM
+
+    _, info = AutoModelForCausalLM.from_pretrained(str(export_dir), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
 
 def test_verify_corrupt_byte_exits_1(export_dir, capsys):
@@ -57,3 +71,64 @@ def test_verify_requires_dir():
     with pytest.raises(SystemExit) as ei:
         main(["verify"])
     assert ei.value.code == 2
+
+
+# -- verify checks names and shapes against config.json (issue 15, item 1) -----------------
+def _rewrite_config(path, **changes):
+    """Change config.json and re-sign the manifest, as an export written with these values
+    would be (the manifest alone would not catch it)."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    meta = {k: v for k, v in P.read_manifest(path).items() if k not in ("files", "producer", "created_utc", "manifest_version", "manifest_sha256")}
+    P.write_manifest(path, meta)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"vocab_size": 7}, r"tensor shape\(s\) do not match LlamaForCausalLM built from config.json: model.embed_tokens.weight is \[8, 4\], config.json gives \[7, 4\]"),
+        ({"num_key_value_heads": 2}, r"k_proj.weight is \[2, 4\], config.json gives \[4, 4\]"),
+        ({"tie_word_embeddings": False}, r"1 tensor\(s\) LlamaForCausalLM needs are in no shard \(transformers would leave them random\): \['lm_head.weight'\]"),
+        ({"architectures": ["FooForCausalLM"]}, r"config.json does not build a transformers model: .*no model class 'FooForCausalLM'"),
+        ({"rms_norm_eps": "abc"}, r"config.json rms_norm_eps='abc': must be a finite number, got str"),
+        ({"num_hidden_layers": 2}, r"LlamaForCausalLM needs are in no shard .*model.layers.1"),
+    ],
+)
+def test_verify_refuses_config_that_does_not_fit_the_shards(export_dir, capsys, changes, message):
+    _rewrite_config(export_dir, **changes)
+    assert main(["verify", str(export_dir)]) == 1
+    assert re.search(message, capsys.readouterr().out)
+
+
+def test_verify_refuses_other_model_type(export_dir, capsys):
+    """An export relabelled as another model type: transformers would load it with weights missing."""
+    _rewrite_config(export_dir, model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+    assert main(["verify", str(export_dir)]) == 1
+    assert re.search(r"Qwen3ForCausalLM needs are in no shard .*q_norm", capsys.readouterr().out)
+
+
+def test_verify_refuses_topk_above_experts():
+    from nemo_export_hooks.exporter.hf_config import config_problems
+
+    assert config_problems({"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 9}) == [
+        "config.json num_experts_per_tok=9 is more than the 8 experts"
+    ]
+
+
+def test_verify_refuses_symlinked_shard(export_dir, tmp_path, capsys):
+    """A shard replaced by a symlink to an identical file outside the export (issue 15, item 6)."""
+    shard = sorted(export_dir.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    assert main(["verify", str(export_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard.name}: is a symlink (to {outside}); an export holds only regular files" in out
+
+
+def test_verify_through_latest_link(export_dir, capsys):
+    """The export directory itself may be reached through a link (``latest``)."""
+    P.update_latest(export_dir.parent, export_dir)
+    assert main(["verify", str(export_dir.parent / "latest")]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 from omegaconf import OmegaConf
@@ -116,6 +117,17 @@ def test_to_manifest_has_every_field():
         ("{step", False),
         ("", False),
         ("{step.real}", False),
+        # issue 15, item 4: names that can never be created
+        ("{step:0>300}", False),
+        ("hf\x00{step}", False),
+        ("hf\n{step}", False),
+        ("hf\t{step}", False),
+        ("hf\x7f{step}", False),
+        (" hf-{step}", False),
+        ("hf-{step} ", False),
+        ("{step:0>200}", True),
+        ("x" * 237, True),
+        ("x" * 238, False),
     ],
 )
 def test_filename_templates(template, ok):
@@ -131,3 +143,36 @@ def test_render_filename():
     assert render_filename("hf-{step:06d}-e{epoch}", "x", 42, 3) == "hf-000042-e3"
     with pytest.raises(ValueError):
         render_filename("{checkpoint}", "..", 1, 0)  # a rendered name is re-checked
+
+
+def test_filename_messages_and_file_system_limit(tmp_path):
+    with pytest.raises(ValueError, match=r"'hf\\x00\{step\}' is rejected: it contains control character\(s\) '\\x00'"):
+        check_filename_template("hf\x00{step}")
+    with pytest.raises(ValueError, match="starts or ends with whitespace"):
+        check_filename_template("hf-{step} ")
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    with pytest.raises(ValueError, match=rf"a name of 300 bytes .*limit of {limit} bytes per name \(at most {limit - 18}\)"):
+        check_filename_template("{step:0>300}", tmp_path / "not-yet" / "created")
+    # a step that grows the name past the limit is caught when rendered
+    check_filename_template("{step:0>230}", tmp_path)
+    with pytest.raises(ValueError, match="a name of 240 bytes"):
+        render_filename("{step}", "x", int("9" * 240), 0, directory=tmp_path)
+    # setup (validate) refuses it, listing it with the other problems
+    with pytest.raises(ValueError, match=r"invalid hf_export config:\n  - filename '\{step:0>300\}' is rejected"):
+        ExportConfig(arch="qwen3_moe", dirpath=str(tmp_path), filename="{step:0>300}").validate()
+
+
+def test_symlinked_dirpath_is_followed_and_logged_once(tmp_path, caplog):
+    """Issue 15, item 6: a dirpath reached through a symlink is followed, and said so once."""
+    import logging
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    d = tmp_path / "link" / "exports"
+    with caplog.at_level(logging.INFO, logger="nemo_export_hooks"):
+        cfg = ExportConfig(arch="qwen3_moe", dirpath=str(d))  # validate() at construction
+        cfg.validate()  # and again at setup
+        ExportConfig(arch="qwen3_moe", dirpath=str(real)).validate()  # no symlink: nothing said
+    notes = [r.getMessage() for r in caplog.records if "symlink" in r.getMessage()]
+    assert notes == [f"hf_export: dirpath {d} goes through the symlink {tmp_path / 'link'} -> {real}; exports are written in {real / 'exports'}"]

@@ -131,3 +131,102 @@ def test_unmapped_parameters_are_named_in_a_warning(mcore, tmp_path):
     assert "2 multi-token-prediction parameters (mtp.*) are not exported" in text
     assert "['extra_head.bias', 'extra_head.weight']" in text
     assert res.num_tensors > 0
+
+
+# -- hf_config_overrides that contradict the model (issue 15, item 1) ---------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vocab_size": 7}, r"vocab_size=7 \(the model has 128\).*model.embed_tokens.weight is \[128, 64\] in the export, \[7, 64\]"),
+        ({"hidden_size": 32}, r"hidden_size=32 \(the model has 64\).*shapes do not match"),
+        ({"num_attention_heads": 8}, r"num_attention_heads=8 \(the model has 4\).*q_proj.weight is \[64, 64\] in the export, \[128, 64\]"),
+        ({"num_key_value_heads": 4}, r"num_key_value_heads=4 \(the model has 2\).*k_proj.weight is \[32, 64\] in the export, \[64, 64\]"),
+        ({"moe_intermediate_size": 7}, r"moe_intermediate_size=7 \(the model has 32\).*gate_proj.weight is \[32, 64\] in the export, \[7, 64\]"),
+        ({"head_dim": 8}, r"head_dim=8 \(the model has 16\).*q_norm.weight is \[16\] in the export, \[8\]"),
+        ({"model_type": "llama"}, r"model_type='llama' contradicts the model, whose value is 'qwen3_moe'"),
+        ({"architectures": ["FooForCausalLM"]}, r"transformers has no class 'FooForCausalLM' \(the model's is \['Qwen3MoeForCausalLM'\]\)"),
+        ({"architectures": ["LlamaForCausalLM"]}, r"LlamaForCausalLM is a 'llama' class, the model is 'qwen3_moe'"),
+        ({"num_experts_per_tok": 9}, r"num_experts_per_tok=9 is more than the 4 experts"),
+        ({"num_experts_per_tok": 3}, r"num_experts_per_tok=3 contradicts the model, whose value is 2"),
+        ({"rms_norm_eps": "abc"}, r"rms_norm_eps='abc': must be a finite number, got str \(the model's value is 1e-06\)"),
+        ({"num_hidden_layers": 0}, r"num_hidden_layers=0 must be positive"),
+    ],
+)
+def test_contradicting_overrides_refused_before_writing(mcore, tmp_path, overrides, message):
+    m = build_gpt(TinySpec())
+    with pytest.raises(ValueError, match=message):
+        export_to_hf(m, tmp_path / "hf", arch="qwen3_moe", hf_config_overrides=overrides)
+    _nothing_written(tmp_path)
+
+
+def test_harmless_overrides_are_written(mcore, tmp_path):
+    import json
+
+    m = build_gpt(TinySpec())
+    ov = {"max_position_embeddings": 4096, "rope_theta": 500000.0, "eos_token_id": 3, "custom_note": "x"}
+    export_to_hf(m, tmp_path / "hf", arch="qwen3_moe", hf_config_overrides=ov)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: cfg[k] for k in ov} == ov
+
+
+def test_structural_override_checked_at_callback_setup(mcore):
+    """The callback's setup check (check_hf_keys=True) sees the overrides' shapes too."""
+    from nemo_export_hooks.exporter.api import prepare_export
+
+    m = build_gpt(TinySpec())
+    with pytest.raises(ValueError, match=r"vocab_size=7 \(the model has 128\)"):
+        prepare_export(m, "qwen3_moe", hf_config_overrides={"vocab_size": 7}, check_hf_keys=True)
+
+
+# -- the output path is checked before writing; I/O errors name the file (issue 15, item 5)
+def _no_staging(tmp_path):
+    return not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+def test_dangling_symlink_out_dir_refused_before_writing(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    out = tmp_path / "hf"
+    out.symlink_to(tmp_path / "gone")
+    with pytest.raises(RuntimeError, match=r"is a dangling symlink \(to .*gone\); an export is published by renaming"):
+        export_to_hf(m, out, arch="qwen3_moe")
+    assert out.is_symlink() and _no_staging(tmp_path)
+
+
+def test_symlink_to_empty_dir_out_dir_refused(mcore, tmp_path):
+    m = build_gpt(TinySpec())
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "hf"
+    out.symlink_to(tmp_path / "empty", target_is_directory=True)
+    with pytest.raises(RuntimeError, match=r"hf is a symlink \(to .*empty\).*give the real directory"):
+        export_to_hf(m, out, arch="qwen3_moe", overwrite=True)
+    assert out.is_symlink() and (tmp_path / "empty").is_dir() and _no_staging(tmp_path)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_side_file_disk_full_names_the_file(mcore, tmp_path):
+    """ENOSPC while writing only config.json (the kernel's /dev/full answers every write
+    with it) names config.json."""
+    import errno
+
+    from nemo_export_hooks.exporter.api import _write_side_files, prepare_export
+
+    prepared = prepare_export(build_gpt(TinySpec()), "qwen3_moe")
+    (tmp_path / "config.json").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=r"cannot write .*config.json: No space left on device") as ei:
+        _write_side_files(tmp_path, prepared, None)
+    assert ei.value.errno == errno.ENOSPC
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_manifest_disk_full_names_the_file(tmp_path, monkeypatch):
+    """The manifest's temporary file on a full disk: the error names the manifest."""
+    import uuid
+
+    from nemo_export_hooks import publish as P
+
+    token = uuid.UUID("0" * 32)
+    monkeypatch.setattr(P.uuid, "uuid4", lambda: token)
+    (tmp_path / f".{P.MANIFEST_NAME}.tmp-{token.hex[:8]}").symlink_to("/dev/full")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / P.MANIFEST_NAME}: No space left on device"):
+        P.write_manifest(tmp_path, {"step": 1})

@@ -15,7 +15,7 @@ from nemo_export_hooks import publish as P
 from nemo_export_hooks.exporter.writer import ShardWriter, finalize_shards
 
 
-def make_export(final_dir: Path, seed: int = 0, overwrite: bool = False, limit: int = 64) -> Path:
+def make_export(final_dir: Path, seed: int = 0, overwrite: bool = False, limit: int = 64, **meta) -> Path:
     """A tiny but complete export, made the way the exporter does it."""
     staging = P.make_staging_dir(final_dir)
     g = torch.Generator().manual_seed(seed)
@@ -24,7 +24,7 @@ def make_export(final_dir: Path, seed: int = 0, overwrite: bool = False, limit: 
         w.add(f"model.layers.{i}.weight", torch.randn(3, 4, generator=g))
     finalize_shards(staging, w.close(), total_size=w.total_bytes)
     (staging / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "seed": seed}))
-    P.write_manifest(staging, {"step": seed})
+    P.write_manifest(staging, {"step": seed, **meta})
     return P.publish(staging, final_dir, overwrite=overwrite)
 
 
@@ -187,6 +187,16 @@ def test_publish_refuses_symlink_target(tmp_path):
     assert link.is_symlink() and P.verify_export(real) == []
 
 
+def test_publish_to_dangling_symlink_says_symlink(tmp_path):
+    """Issue 15, item 5: not "already exists (pass overwrite=True ...)"."""
+    link = tmp_path / "hf"
+    link.symlink_to(tmp_path / "gone")
+    staging = P.make_staging_dir(link)
+    with pytest.raises(FileExistsError, match=r"hf is a symlink \(to .*gone\); the rename would replace the link"):
+        P.publish(staging, link)
+    assert link.is_symlink() and staging.is_dir()
+
+
 # -- verify -------------------------------------------------------------------------------
 def _shard(final):
     return sorted(final.glob("model-*.safetensors"))[0]
@@ -258,6 +268,24 @@ def test_update_latest_points_to_newest(tmp_path):
         P.update_latest(tmp_path / "hf-step100", b)
 
 
+def test_update_latest_never_moves_to_an_older_step(tmp_path):
+    """Issue 15, item 6: two runs sharing a directory; the one publishing last has the older step."""
+    a = make_export(tmp_path / "run-a-step5", seed=5)
+    b = make_export(tmp_path / "run-b-step3", seed=3)
+    assert P.update_latest(tmp_path, a) is True
+    assert P.update_latest(tmp_path, b) is False
+    assert os.readlink(tmp_path / "latest") == "run-a-step5" and (tmp_path / "latest.txt").read_text() == "run-a-step5\n"
+    c = make_export(tmp_path / "run-b-step7", seed=7)
+    assert P.update_latest(tmp_path, c) is True and os.readlink(tmp_path / "latest") == "run-b-step7"
+    # the same step again (a re-export) and a target that has gone both move it
+    d = make_export(tmp_path / "run-a-step7", seed=7)
+    assert P.update_latest(tmp_path, d) is True
+    import shutil
+
+    shutil.rmtree(d)
+    assert P.update_latest(tmp_path, b) is True and os.readlink(tmp_path / "latest") == "run-b-step3"
+
+
 def test_update_latest_refuses_real_directory_named_latest(tmp_path):
     a = make_export(tmp_path / "hf-1")
     (tmp_path / "latest").mkdir()
@@ -283,6 +311,54 @@ def test_apply_retention_keeps_newest_and_foreign(tmp_path):
     # the newest always survives
     assert P.apply_retention(owned[3:], keep_last_k=1) == [owned[3]]
     assert owned[4].exists() and P.verify_export(owned[4]) == []
+
+
+def test_apply_retention_spares_a_users_copy_with_extra_files(tmp_path):
+    """Issue 15, item 3: hf-3 was moved aside and a user's copy of another export of this run
+    (its manifest included) put under the name, with the user's own notes file."""
+    import shutil
+
+    owned = [make_export(tmp_path / f"hf-{i}", seed=i, run_id="run-a") for i in range(5)]
+    os.rename(owned[3], tmp_path / "moved-aside")
+    shutil.copytree(owned[1], owned[3])
+    (owned[3] / "USER_NOTES.txt").write_text("mine")
+    removed = P.apply_retention(owned, keep_last_k=1)
+    assert removed == [owned[0], owned[1], owned[2]]
+    assert (owned[3] / "USER_NOTES.txt").read_text() == "mine" and P.read_manifest(owned[3])["step"] == 1
+    assert P.deletable_export(owned[3]) == "it holds USER_NOTES.txt, which is not in its manifest"
+
+
+def test_apply_retention_checks_run_and_step(tmp_path):
+    """A copy that is exactly an export (no extra file) is still spared when it is not the
+    export this run made at that path: another step, or another run's."""
+    import shutil
+
+    owned = [make_export(tmp_path / f"hf-{i}", seed=i, run_id="run-a") for i in range(4)]
+    shutil.rmtree(owned[1])
+    shutil.copytree(owned[0], owned[1])  # step 0's export under step 1's name
+    shutil.rmtree(owned[2])
+    make_export(owned[2], seed=2, run_id="run-b")  # another run's export of step 2
+    expect = {str(p): {"step": i} for i, p in enumerate(owned)}
+    removed = P.apply_retention(owned, keep_last_k=1, run_id="run-a", expect=expect)
+    assert removed == [owned[0]]
+    assert owned[1].exists() and owned[2].exists() and owned[3].exists()
+    assert P.deletable_export(owned[1], {"step": 1}) == "its manifest says step=0, this run's export has step=1"
+    assert P.deletable_export(owned[2], {"run_id": "run-a"}) == "its manifest says run_id='run-b', this run's export has run_id='run-a'"
+
+
+def test_deletable_export_refuses_changed_contents(tmp_path):
+    d = make_export(tmp_path / "hf", seed=0)
+    assert P.deletable_export(d) is None
+    (d / "sub").mkdir()
+    assert P.deletable_export(d) == "it holds sub/, which is not in its manifest"
+    (d / "sub").rmdir()
+    (d / ".hidden").write_text("x")
+    assert P.deletable_export(d) == "it holds .hidden, which is not in its manifest"
+    (d / ".hidden").unlink()
+    m = json.loads((d / P.MANIFEST_NAME).read_text())
+    m["step"] = 7
+    (d / P.MANIFEST_NAME).write_text(json.dumps(m))
+    assert P.deletable_export(d) == f"its {P.MANIFEST_NAME} was modified"
 
 
 @pytest.mark.parametrize("k", [None, 0, -3, 5])

@@ -78,6 +78,10 @@ def _fake_quant(lin, algo):
 def test_quantized_experts_decode_to_modelopt_fake_quant(quantized, tmp_path):
     algo, model = quantized
     export_to_hf(model, tmp_path / "hf", arch="qwen3_moe", dtype=torch.bfloat16)
+    from nemo_export_hooks.publish import verify_export
+
+    # names and (unpacked) shapes match the HF class built from config.json
+    assert verify_export(tmp_path / "hf", load_config=True) == []
     t = _read(tmp_path / "hf")
     ffn = TinySpec().moe_ffn_hidden_size
     weight_dtype = torch.float8_e4m3fn if algo == "FP8" else torch.uint8

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 
 from . import parallel
 from .execute import run_jobs
-from .hf_config import build_hf_config, expected_hf_keys, generation_config
+from .hf_config import build_hf_config, expected_hf_shapes, generation_config
 from .plan import QUANT_SUFFIXES, ExportPlan, build_plan
 from .rules import get_rule
 from .source import unwrap_model
@@ -155,38 +156,92 @@ def _check_packable(job, spec) -> None:
 
 
 def _check_names(plan: ExportPlan, hf_config: dict) -> None:
-    """Compare the union of all ranks' HF names with the key set of the HF class built from
-    the generated config on the meta device: zero missing, zero unexpected, or raise."""
-    names = plan.owned_names()
-    all_names = parallel.gather_objects(names)
+    """Compare the union of all ranks' HF names *and shapes* with the state dict of the HF
+    class built from the final config (overrides applied) on the meta device: zero missing,
+    zero unexpected, every shape equal, or raise on every rank.  A mismatch names the
+    overrides that differ from the model's own values: ``transformers`` would refuse such a
+    checkpoint with size mismatches, or load it with weights left random."""
     problem = None
-    if all_names is not None and parallel.current_layout().world_rank == 0:
-        ours: set[str] = set()
+    try:
+        shapes = _planned_shapes(plan)
+    except Exception as e:  # reported to every rank below
+        shapes, problem = [], f"cannot compute the exported shapes: {type(e).__name__}: {e}"
+    all_shapes = parallel.gather_objects((shapes, problem))
+    if all_shapes is not None and parallel.current_layout().world_rank == 0:
+        problem = next((p for _, p in all_shapes if p), None)
+        ours: dict[str, tuple] = {}
         dup = set()
-        for r in all_names:
-            for n in r:
+        for r, _ in all_shapes:
+            for n, shape in r:
                 if n in ours:
                     dup.add(n)
-                ours.add(n)
-        try:
-            expected = expected_hf_keys(hf_config)
-        except Exception as e:  # reported to every rank below: raising here would strand them
-            expected = None
-            problem = f"cannot list the HF keys of {hf_config.get('architectures')}: {type(e).__name__}: {e}"
-        if dup:
+                ours[n] = tuple(shape)
+        expected = None
+        if problem is None:
+            try:
+                expected = expected_hf_shapes(hf_config)
+            except Exception as e:  # reported to every rank below: raising here would strand them
+                problem = f"cannot list the HF keys of {hf_config.get('architectures')}: {type(e).__name__}: {e}"
+        if problem is None and dup:
             problem = f"several tensors map to the same HF names: {sorted(dup)[:5]}"
-        elif expected is not None:
-            base = {n for n in ours if not n.endswith(QUANT_SUFFIXES)}
-            missing, unexpected = sorted(expected - base), sorted(base - expected)
-            if missing or unexpected:
-                problem = (
-                    f"exported names do not match {hf_config['architectures'][0]}: "
-                    f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                    f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-                )
+        elif problem is None and expected is not None:
+            problem = _names_shapes_problem(ours, expected, hf_config, _overridden(plan, hf_config))
     problem = parallel.broadcast_object(problem)
     if problem:
         raise ValueError(problem)
+
+
+def _planned_shapes(plan: ExportPlan) -> list[tuple[str, tuple]]:
+    """``(HF name, shape)`` of every tensor this rank will write, from the plan alone (no
+    data moved): the TP-gathered shape, split by the job's row selection.  Quantized
+    weights get their logical (unpacked) shape, which is what the HF class declares."""
+    from .plan import attention_shape
+
+    att = attention_shape(plan.info.config)
+    out = []
+    for j in plan.jobs:
+        if not j.owner:
+            continue
+        full = list(j.tensor.shape)
+        if j.tp_dim is not None and j.group.size > 1:
+            full[j.tp_dim] *= j.group.size
+        if not full:  # a scalar
+            out.extend((t, ()) for t in j.targets)
+            continue
+        for target, rows in j.kind(j.targets, full[0], att):
+            out.append((target, (full[0] if rows is None else int(rows.numel()), *full[1:])))
+    return out
+
+
+def _overridden(plan: ExportPlan, hf_config: dict) -> dict:
+    """``{key: (final value, the model's value)}`` for config keys the overrides changed."""
+    generated = plan.rule.build_config(plan.info)
+    skip = ("torch_dtype", "quantization_config")
+    return {k: (v, generated.get(k)) for k, v in hf_config.items() if k not in skip and generated.get(k, object()) != v}
+
+
+def _names_shapes_problem(ours: dict, expected: dict, hf_config: dict, overridden: dict) -> Optional[str]:
+    base = {n: s for n, s in ours.items() if not n.endswith(QUANT_SUFFIXES)}
+    missing = sorted(set(expected) - set(base))
+    unexpected = sorted(set(base) - set(expected))
+    wrong = sorted(n for n in set(base) & set(expected) if expected[n] is not None and tuple(base[n]) != tuple(expected[n]))
+    if not (missing or unexpected or wrong):
+        return None
+    cls = hf_config["architectures"][0]
+    parts = []
+    if missing or unexpected:
+        parts.append(
+            f"exported names do not match {cls}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    if wrong:
+        shown = ", ".join(f"{n} is {list(base[n])} in the export, {list(expected[n])} in {cls}" for n in wrong[:4])
+        parts.append(f"shapes do not match {cls} built from the config: {shown}{' ...' if len(wrong) > 4 else ''} ({len(wrong)} tensor(s))")
+    if overridden:
+        why = ", ".join(f"{k}={v!r} (the model has {m!r})" for k, (v, m) in sorted(overridden.items()))
+        parts.insert(0, f"hf_config_overrides contradict the model's structure: {why}")
+    return "; ".join(parts)
 
 
 def export_to_hf(
@@ -337,31 +392,68 @@ def write_prepared(
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Before anything is written: ``out_dir`` can be published by renaming a staging
+    directory onto it.  A symlink (dangling or not) is refused up front: the rename would
+    replace the link itself, not write where it points, and publish would only find out
+    after every shard was written."""
+    if out_dir.is_symlink():
+        target = os.readlink(out_dir)
+        what = "a dangling symlink" if not out_dir.exists() else "a symlink"
+        raise FileExistsError(
+            f"{out_dir} is {what} (to {target}); an export is published by renaming a directory into place, "
+            f"which would replace the link: remove it, or give the real directory ({os.path.realpath(out_dir)})"
+        )
     if out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()):
+        try:
+            entries = any(out_dir.iterdir())
+        except OSError as e:
+            raise _named(e, out_dir, "cannot list the export directory") from e
+        if entries:
             if not overwrite:
                 raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace an earlier export)")
             if not (out_dir / "export_manifest.json").exists():
                 raise FileExistsError(f"{out_dir} is not an export made by nemo-export-hooks; refusing to overwrite it")
         else:
-            out_dir.rmdir()  # an empty directory is replaced by the atomic rename
+            try:
+                out_dir.rmdir()  # an empty directory is replaced by the atomic rename
+            except OSError as e:
+                raise _named(e, out_dir, "cannot remove the empty export directory") from e
+
+
+def _named(e: OSError, path: Path, what: str) -> OSError:
+    """``e`` again, naming ``path`` and what was being done (a bare ENOSPC names no file)."""
+    err = type(e)(e.errno, f"{what} {path}: {e.strerror or e}") if e.errno is not None else type(e)(f"{what} {path}: {e}")
+    return err
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise _named(e, path, "cannot write") from e
 
 
 def _write_side_files(staging: Path, prepared: PreparedExport, tokenizer: Any) -> None:
+    """config.json, generation_config.json, hf_quant_config.json and the tokenizer; every
+    I/O error names its file."""
     cfg = dict(prepared.hf_config)
     if prepared.quant_algo:
         from . import quant
         from .. import __version__
 
         hf_quant, qcfg = quant.quant_config_files(prepared.quant_algo, prepared.quant_exclude, __version__)
-        (staging / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+        _write_text(staging / "hf_quant_config.json", json.dumps(hf_quant, indent=2) + "\n")
         cfg["quantization_config"] = qcfg
     if tokenizer is not None:
-        _save_tokenizer(tokenizer, staging)
-    (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    (staging / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+        try:
+            _save_tokenizer(tokenizer, staging)
+        except OSError as e:
+            raise _named(e, staging, f"cannot save the tokenizer ({getattr(e, 'filename', None) or type(tokenizer).__name__}) into") from e
+    _write_text(staging / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _write_text(staging / "generation_config.json", json.dumps(generation_config(cfg), indent=2) + "\n")
 
 
 def _save_tokenizer(tokenizer: Any, staging: Path) -> None:

@@ -157,7 +157,7 @@ def run_all(ref_root: Path, out_root: Path) -> dict:
 
     from nemo_export_hooks.exporter import api
 
-    with patched(api, "expected_hf_keys", broken_keys, when=rank == 0):
+    with patched(api, "expected_hf_shapes", broken_keys, when=rank == 0):
         outcome = _attempt(lambda: export(chunks, "key_check_fails_on_rank0"))
     record("key_check_fails_on_rank0", outcome, {"*": "ValueError"}, {"*": ["cannot list the HF keys", "injected"]},
            root / "key_check_fails_on_rank0")
