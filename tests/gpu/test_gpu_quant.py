@@ -253,7 +253,7 @@ def test_quantized_te_sequential_experts(fmt, tmp_path, request):
     exported expert weight decodes to ModelOpt's fake-quantized weight of that expert
     (``local_experts[e].linear_fc{1,2}.weight_quantizer(weight)``) within one ulp, except at
     exact rounding ties (as in the grouped test); no ``*.bias`` is exported for TE's empty
-    no-bias placeholder, and the export loads in transformers' key check (zero unexpected)."""
+    no-bias placeholder, and the exporter's own HF-name check accepts the names (``note`` None)."""
     _need_quant()
     import modelopt
     import modelopt.torch.quantization as mtq
