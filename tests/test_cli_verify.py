@@ -16,7 +16,7 @@ from nemo_export_hooks.exporter.writer import ShardWriter, finalize_shards
 def export_dir(tmp_path):
     final = tmp_path / "hf-step10"
     staging = P.make_staging_dir(final)
-    w = ShardWriter(staging, 64, prefix="rank00000")
+    w = ShardWriter(staging, 64, prefix="rank00000", layout=[(f"w{i}", torch.float32, (4, 3)) for i in range(4)])
     for i in range(4):
         w.add(f"w{i}", torch.full((4, 3), float(i)))
     finalize_shards(staging, w.close(), total_size=w.total_bytes)
