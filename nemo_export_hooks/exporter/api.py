@@ -307,17 +307,18 @@ def write_prepared(
             nbytes = writer.total_bytes
     except Exception as e:  # raised by the generator itself
         failure = failure or e
+    try:
+        if failure is not None:
+            if writer is not None:
+                writer.abort()  # no temporary part left behind, no writer thread still reading
+            ok, message = False, f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
+            log.error("HF export failed while writing %s: %s", out_dir, message)
+            if parallel._world(group) == 1:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise failure
     finally:
         if in_memory:
-            tensors.release()
-    if failure is not None:
-        if writer is not None:
-            writer.abort()  # no temporary part left behind, no hash thread still reading
-        ok, message = False, f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
-        log.error("HF export failed while writing %s: %s", out_dir, message)
-        if parallel._world(group) == 1:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise failure
+            tensors.release()  # nothing reads the snapshot any more: its buffer serves the next export
     try:
         parallel.all_ok(ok, message, group=group)
     except Exception:
