@@ -24,9 +24,10 @@ TINY_LLAMA = {
 def export_dir(tmp_path):
     final = tmp_path / "hf-step10"
     staging = P.make_staging_dir(final)
-    w = ShardWriter(staging, 64, prefix="rank00000")
+    shapes = sorted(expected_hf_shapes(TINY_LLAMA).items())
+    w = ShardWriter(staging, 64, prefix="rank00000", layout=[(name, torch.float32, tuple(shape)) for name, shape in shapes])
     # every tensor a one-layer llama of this config has (verify builds it on the meta device)
-    for i, (name, shape) in enumerate(sorted(expected_hf_shapes(TINY_LLAMA).items())):
+    for i, (name, shape) in enumerate(shapes):
         w.add(name, torch.full(shape, float(i)))
     finalize_shards(staging, w.close(), total_size=w.total_bytes)
     (staging / "config.json").write_text(json.dumps(TINY_LLAMA))

@@ -514,9 +514,10 @@ def _make_export(final: Path, seed: int) -> Path:
 
     staging = P.make_staging_dir(final)
     g = torch.Generator().manual_seed(seed)
-    w = ShardWriter(staging, 64, prefix="rank00000")
-    for i in range(3):
-        w.add(f"model.layers.{i}.weight", torch.randn(3, 4, generator=g))
+    tensors = {f"model.layers.{i}.weight": torch.randn(3, 4, generator=g) for i in range(3)}
+    w = ShardWriter(staging, 64, prefix="rank00000", layout=[(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+    for k, t in tensors.items():
+        w.add(k, t)
     finalize_shards(staging, w.close(), total_size=w.total_bytes)
     (staging / "config.json").write_text(json.dumps({"model_type": "llama"}))
     P.write_manifest(staging, {"step": seed})
@@ -587,8 +588,9 @@ def shards_of(p: Path) -> list[Path]:
 # -- the writer's own integrity ---------------------------------------------------------------
 def test_streamed_digests_match_the_files_whatever_the_layout(tmp_path):
     """The manifest trusts the sha256 the writer computed while writing (no read-back): it
-    must equal the file's, for a first export (hashed after sealing), a repeated one (header
-    predicted, hashed from memory), a mispredicted one and a rewritten (misaligned) one."""
+    must equal the file's, for tensors added in layout order (hashed from memory), in
+    another order (hashed back from the page cache), with mixed element sizes, and with
+    several writer threads."""
     import torch
     from safetensors.torch import load_file
 
@@ -596,16 +598,17 @@ def test_streamed_digests_match_the_files_whatever_the_layout(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     base = {f"model.layers.{i}.w": torch.randn(40, 30, generator=g).to(torch.bfloat16) for i in range(30)}
-    changed = dict(base)
-    changed["model.layers.7.w"] = torch.randn(41, 30, generator=g).to(torch.bfloat16)
     mixed = dict(base)
-    mixed["model.layers.3.w"] = torch.tensor([1, 2, 3], dtype=torch.uint8)  # odd bytes: later bf16 misaligned
-    for n, tensors in enumerate([base, base, changed, mixed, mixed]):
+    mixed["model.layers.3.w"] = torch.tensor([1, 2, 3], dtype=torch.uint8)  # odd bytes: sorted after the bf16s
+    mixed["model.layers.9.b"] = torch.randn(7, generator=g)  # f32: sorted first
+    cases = [(base, False, 1), (base, True, 1), (mixed, False, 1), (mixed, True, 1), (mixed, True, 3)]
+    for n, (tensors, backwards, writers) in enumerate(cases):
         d = tmp_path / f"r{n}"
         d.mkdir()
-        w = ShardWriter(d, 10_000, prefix="rank00000")
-        for k, t in tensors.items():
-            w.add(k, t)
+        w = ShardWriter(d, 10_000, prefix="rank00000", layout=[(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+                        writers=writers, min_part_bytes=1)
+        for k in (reversed(list(tensors)) if backwards else list(tensors)):
+            w.add(k, tensors[k])
         w.close()
         loaded = {}
         for f in w.files:
@@ -619,7 +622,8 @@ def test_streamed_digests_match_the_files_whatever_the_layout(tmp_path):
     assert known_digest(d / w.files[0]) is None
 
 
-def test_write_error_mid_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writers", [1, 2])
+def test_write_error_mid_shard_leaves_no_temporary_file(tmp_path, monkeypatch, writers):
     import errno
 
     import torch
@@ -635,11 +639,13 @@ def test_write_error_mid_shard_leaves_no_temporary_file(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 
-    w = W.ShardWriter(tmp_path, 1000, prefix="rank00003")
+    layout = [(f"t{i}", torch.float32, (50,)) for i in range(20)]
+    w = W.ShardWriter(tmp_path, 1000, prefix="rank00003", layout=layout, writers=writers, min_part_bytes=1)
     monkeypatch.setattr(W.os, "pwrite", pwrite)
     with pytest.raises(OSError, match=r"cannot write rank00003-0000\d.safetensors in .*: No space left on device"):
         for i in range(20):
             w.add(f"t{i}", torch.randn(50))
+        w.close()  # with writer threads the error may surface only here
     monkeypatch.setattr(W.os, "pwrite", real)
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
     with pytest.raises(RuntimeError, match="closed"):

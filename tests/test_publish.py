@@ -19,7 +19,7 @@ def make_export(final_dir: Path, seed: int = 0, overwrite: bool = False, limit: 
     """A tiny but complete export, made the way the exporter does it."""
     staging = P.make_staging_dir(final_dir)
     g = torch.Generator().manual_seed(seed)
-    w = ShardWriter(staging, limit, prefix="rank00000")
+    w = ShardWriter(staging, limit, prefix="rank00000", layout=[(f"model.layers.{i}.weight", torch.float32, (3, 4)) for i in range(5)])
     for i in range(5):
         w.add(f"model.layers.{i}.weight", torch.randn(3, 4, generator=g))
     finalize_shards(staging, w.close(), total_size=w.total_bytes)

@@ -1,15 +1,29 @@
-"""ShardWriter / finalize_shards / parse_size: round trips, size bounds, deterministic names."""
+"""ShardWriter / finalize_shards / parse_size: round trips, size bounds, deterministic names,
+header-first parts (bytes as safetensors' own save_file), digests, crash safety."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nemo_export_hooks.exporter.writer import INDEX_NAME, ShardWriter, finalize_shards, parse_size
+from nemo_export_hooks.exporter.writer import INDEX_NAME, ShardWriter, assign_parts, finalize_shards, known_digest, parse_size
+
+
+def _layout(tensors):
+    return [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+
+
+def _writer(directory, limit, tensors, prefix="p", **kw):
+    """A writer for exactly ``tensors`` (name -> tensor), in their order."""
+    return ShardWriter(directory, limit, prefix=prefix, layout=_layout(tensors), **kw)
 
 
 def _tensors(n=10, seed=0):
@@ -67,7 +81,7 @@ def test_parse_size_rejects_and_names_value(bad):
 def test_round_trip_and_shard_bound(tmp_path):
     tensors = _tensors(12)
     limit = 200
-    w = ShardWriter(tmp_path, limit, prefix="rank00000")
+    w = _writer(tmp_path, limit, tensors, prefix="rank00000")
     for k, t in tensors.items():
         w.add(k, t)
     key_to_part = w.close()
@@ -93,40 +107,61 @@ def test_round_trip_and_shard_bound(tmp_path):
         assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), k
 
 
-def test_greedy_packing_fills_shards(tmp_path):
-    # 10 tensors of 40 bytes with a 100-byte limit -> 2 per shard, 5 shards.
-    w = ShardWriter(tmp_path, 100, prefix="p")
-    for i in range(10):
-        w.add(f"t{i}", torch.full((10,), float(i)))
+def test_parts_balanced_by_bytes_and_bounded(tmp_path):
+    # 10 tensors of 40 bytes with a 100-byte limit: 4 parts are needed, filled side by side
+    # (each tensor to the emptiest part it fits in); the last two fit none -> a fifth part.
+    tensors = {f"t{i}": torch.full((10,), float(i)) for i in range(10)}
+    w = _writer(tmp_path, 100, tensors)
+    for k, t in tensors.items():
+        w.add(k, t)
     m = w.close()
     assert len(w.files) == 5
-    assert [m[f"t{i}"] for i in range(10)] == [f"p-{k:05d}.safetensors" for k in (1, 1, 2, 2, 3, 3, 4, 4, 5, 5)]
+    assert [m[f"t{i}"] for i in range(10)] == [f"p-{k:05d}.safetensors" for k in (1, 2, 3, 4, 1, 2, 3, 4, 5, 5)]
+    assert _load_all(tmp_path, w.files).keys() == tensors.keys()
+
+
+def test_assign_parts_parallel_and_oversize():
+    assert assign_parts([], 100, 4) == []
+    assert assign_parts([10] * 8, 1000, 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]  # 4 writers, 4 parts
+    assert assign_parts([20, 400, 20], 100, 1) == [[0, 2], [1]]  # the oversize tensor goes alone
+    assert assign_parts([60, 60, 60], 100, 1) == [[0], [1], [2]]
 
 
 def test_oversize_tensor_goes_alone(tmp_path):
-    w = ShardWriter(tmp_path, 100, prefix="p")
-    w.add("small0", torch.zeros(5))  # 20 B
-    w.add("big", torch.arange(100, dtype=torch.float32))  # 400 B > limit
-    w.add("small1", torch.ones(5))
+    tensors = {"small0": torch.zeros(5), "big": torch.arange(100, dtype=torch.float32), "small1": torch.ones(5)}
+    w = _writer(tmp_path, 100, tensors)
+    for k, t in tensors.items():
+        w.add(k, t)
     m = w.close()
-    assert m == {"small0": "p-00001.safetensors", "big": "p-00002.safetensors", "small1": "p-00003.safetensors"}
+    assert m == {"small0": "p-00001.safetensors", "big": "p-00002.safetensors", "small1": "p-00001.safetensors"}
     assert torch.equal(load_file(str(tmp_path / "p-00002.safetensors"))["big"], torch.arange(100, dtype=torch.float32))
 
 
-def test_memory_bound_buffer_never_exceeds_one_shard(tmp_path):
-    limit = 64
-    w = ShardWriter(tmp_path, limit, prefix="p")
-    for i in range(20):
-        w.add(f"t{i}", torch.zeros(i % 5 + 1))
-        assert w._buffer_bytes < limit
+def test_parallel_writers_split_the_bytes(tmp_path):
+    """With 4 writers and enough bytes, 4 parts are written by 4 threads; each part is
+    bounded, bytes and digests are right whatever order the threads ran in."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"model.layers.{i}.w": torch.randn(64, 33, generator=g).to(torch.bfloat16) for i in range(40)}
+    tensors["model.norm.scale"] = torch.tensor(2.0)
+    w = _writer(tmp_path, 10**6, tensors, writers=4, min_part_bytes=4096, max_inflight_bytes=3 * 64 * 33 * 2)
+    for k, t in tensors.items():
+        w.add(k, t)
     w.close()
+    assert len(w.files) == 4
+    sizes = [sum(_nbytes(t) for k, t in load_file(str(tmp_path / f)).items()) for f in w.files]
+    assert max(sizes) - min(sizes) <= 64 * 33 * 2 + 4
+    loaded = _load_all(tmp_path, w.files)
+    assert all(torch.equal(loaded[k], t) for k, t in tensors.items())
+    for f in w.files:
+        data = (tmp_path / f).read_bytes()
+        assert w.digests[f] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_non_contiguous_views_and_shared_storage(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     t_view = base.t()  # non-contiguous
     q, k = base.chunk(2, dim=0)  # contiguous views of one storage
-    w = ShardWriter(tmp_path, 10**6, prefix="p")
+    w = _writer(tmp_path, 10**6, {"t": t_view, "q": q, "k": k, "tied_a": base, "tied_b": base})
     w.add("t", t_view)
     w.add("q", q)
     w.add("k", k)
@@ -140,7 +175,7 @@ def test_non_contiguous_views_and_shared_storage(tmp_path):
 
 
 def test_scalar_and_empty_tensors(tmp_path):
-    w = ShardWriter(tmp_path, 1000, prefix="p")
+    w = _writer(tmp_path, 1000, {"scale": torch.tensor(0.5), "empty": torch.zeros(0, 3)})
     w.add("scale", torch.tensor(0.5))
     w.add("empty", torch.zeros(0, 3))
     w.close()
@@ -150,7 +185,7 @@ def test_scalar_and_empty_tensors(tmp_path):
 
 
 def test_errors_name_the_input(tmp_path):
-    w = ShardWriter(tmp_path, 1000, prefix="p")
+    w = _writer(tmp_path, 1000, {"a": torch.zeros(2), "b": torch.zeros(2), "c": torch.zeros(2), "e": torch.zeros(2)})
     w.add("a", torch.zeros(2))
     with pytest.raises(ValueError, match="duplicate tensor name 'a'"):
         w.add("a", torch.zeros(2))
@@ -158,27 +193,124 @@ def test_errors_name_the_input(tmp_path):
         w.add("b", torch.zeros(2, device="meta"))
     with pytest.raises(ValueError, match="'c'"):
         w.add("c", [1, 2])
+    with pytest.raises(ValueError, match=r"'c' is F32 \[3\], but the layout says F32 \[2\]"):
+        w.add("c", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"'e' is BF16 \[2\], but the layout says F32"):
+        w.add("e", torch.zeros(2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="'x' is not in the layout"):
+        w.add("x", torch.zeros(2))
+    for k in "bce":
+        w.add(k, torch.zeros(2))
     w.close()
     with pytest.raises(RuntimeError, match="closed"):
         w.add("d", torch.zeros(1))
     with pytest.raises(ValueError, match="max_shard_bytes"):
-        ShardWriter(tmp_path, 0, prefix="p")
+        ShardWriter(tmp_path, 0, prefix="p", layout=[])
     with pytest.raises(ValueError, match="prefix"):
-        ShardWriter(tmp_path, 10, prefix="../x")
+        ShardWriter(tmp_path, 10, prefix="../x", layout=[])
     with pytest.raises(NotADirectoryError, match="nope"):
-        ShardWriter(tmp_path / "nope", 10)
+        ShardWriter(tmp_path / "nope", 10, layout=[])
+    with pytest.raises(ValueError, match="duplicate tensor name 'a' in the writer's layout"):
+        ShardWriter(tmp_path, 10, prefix="q", layout=[("a", torch.float32, (1,)), ("a", torch.float32, (1,))])
+
+
+def test_missing_tensor_fails_close_and_leaves_nothing(tmp_path):
+    w = _writer(tmp_path, 1000, {"a": torch.zeros(2), "b": torch.zeros(2)})
+    w.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match=r"1 tensors of the layout were never added, e.g. \['b'\]"):
+        w.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_writer_writes_nothing(tmp_path):
-    w = ShardWriter(tmp_path, 1000, prefix="p")
+    w = ShardWriter(tmp_path, 1000, prefix="p", layout=[])
     assert w.close() == {}
     assert w.files == [] and w.total_bytes == 0 and list(tmp_path.iterdir()) == []
+
+
+def _all_dtypes():
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for i, dt in enumerate([torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                            torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]):
+        t = torch.randn(3 + i, 5, generator=g) * 4
+        out[f"z.{11 - i:02d}.{dt}".replace("torch.", "")] = t.to(dt) if dt.is_floating_point else t.to(torch.int64).to(dt)
+    out["a.scalar"] = torch.tensor(0.25)
+    out["m.empty"] = torch.zeros(0, 4, dtype=torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize("writers", [1, 3])
+def test_part_bytes_equal_safetensors_save_file(tmp_path, writers):
+    """Header first, tensors at their final offsets: given in name order, a part is byte for
+    byte what safetensors' save_file writes for the same tensors (dtype order, then names),
+    and the manifest digest is the file's."""
+    from safetensors.torch import save_file
+
+    tensors = dict(sorted(_all_dtypes().items()))
+    (tmp_path / "ours").mkdir()
+    w = _writer(tmp_path / "ours", 10**6, tensors, writers=writers)
+    for k in reversed(list(tensors)):  # arrival order does not matter, only the layout's
+        w.add(k, tensors[k])
+    w.close()
+    (part,) = w.files
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    ours = (tmp_path / "ours" / part).read_bytes()
+    assert ours == (tmp_path / "ref.safetensors").read_bytes()
+    assert w.digests[part] == {"bytes": len(ours), "sha256": hashlib.sha256(ours).hexdigest()}
+    assert known_digest(tmp_path / "ours" / part) == hashlib.sha256(ours).hexdigest()
+
+
+def test_any_layout_order_is_aligned_and_loads(tmp_path):
+    """In layout (not name) order, tensors keep their layout order within a dtype and every
+    tensor is aligned to its element size; digests still match (parts hashed from memory
+    when in order, read back when not)."""
+    tensors = _all_dtypes()
+    odd = {"odd.u8": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    tensors = {**odd, **tensors, "late.f32": torch.arange(7, dtype=torch.float32)}
+    w = _writer(tmp_path, 10**6, tensors)
+    for k, t in tensors.items():
+        w.add(k, t)
+    (part,) = w.files
+    w.close()
+    data = (tmp_path / part).read_bytes()
+    assert w.digests[part]["sha256"] == hashlib.sha256(data).hexdigest()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    assert (8 + n) % 8 == 0
+    for k, v in header.items():
+        if k != "__metadata__":
+            assert v["data_offsets"][0] % tensors[k].element_size() == 0, k
+    f32 = [k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32"]
+    assert f32 == [k for k, t in tensors.items() if t.dtype == torch.float32]  # layout order kept
+    loaded = load_file(str(tmp_path / part))
+    assert all(torch.equal(loaded[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)) for k, t in tensors.items())
+
+
+_CRASH = r"""
+import os, sys, torch
+from nemo_export_hooks.exporter.writer import ShardWriter
+tensors = {f"t{i}": torch.full((1000,), float(i)) for i in range(8)}
+w = ShardWriter(sys.argv[1], 10**6, prefix="rank00000", layout=[(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+for k in list(tensors)[:5]:
+    w.add(k, tensors[k])
+os._exit(3)  # killed mid-part: no close, no cleanup
+"""
+
+
+def test_crash_mid_part_leaves_no_visible_file(tmp_path):
+    r = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 3, r.stderr
+    names = [p.name for p in tmp_path.iterdir()]
+    assert names and all(n.startswith(".") and ".tmp-" in n for n in names), names  # only the hidden temporary
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def _write_ranks(directory, per_rank, limit):
     merged, total = {}, 0
     for rank, tensors in per_rank:
-        w = ShardWriter(directory, limit, prefix=f"rank{rank:05d}")
+        w = _writer(directory, limit, tensors, prefix=f"rank{rank:05d}")
         for k, t in tensors.items():
             w.add(k, t)
         merged.update(w.close())

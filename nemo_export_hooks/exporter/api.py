@@ -72,14 +72,41 @@ class PreparedExport:
     hf_config: dict
     quant_algo: Optional[str]
     quant_exclude: list[str] = field(default_factory=list)
+    _layout: Optional[list] = field(default=None, repr=False, compare=False)
+
+    def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """``[(HF name, dtype, shape)]`` this rank will write, in order (from the plan, no data)."""
+        if self._layout is None:
+            from .execute import describe
+
+            self._layout = describe(self.plan, self.dtype)
+        return self._layout
+
+    def _on_cuda(self) -> bool:
+        return any(j.owner and j.tensor.device.type == "cuda" for j in self.plan.jobs)
 
     def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """Gather/pack/split this rank's tensors (a collective generator)."""
-        return run_jobs(self.plan, self.dtype)
+        """Gather/pack/split this rank's tensors (a collective generator), converted on the
+        weights' device and handed over on the host.  A tensor of a CPU model may share the
+        model's storage: write it (or copy it) before the model changes."""
+        for name, t in run_jobs(self.plan, self.dtype):
+            yield name, (t if t.device.type == "cpu" else t.to("cpu"))
+
+    def reserve_host(self) -> None:
+        """Allocate (and page-lock, on a GPU) the host snapshot buffer now, e.g. at setup,
+        so that the first ``host_snapshot`` does not pay for it.  Optional."""
+        from . import snapshot
+
+        snapshot.reserve(snapshot.layout_bytes(self.layout()), pin=self._on_cuda())
 
     def host_snapshot(self) -> list[tuple[str, torch.Tensor]]:
-        """Materialise this rank's owned tensors in host memory (for async writes)."""
-        return list(self.tensors())
+        """Materialise this rank's owned tensors in host memory (for async writes): one
+        reused, page-locked buffer filled by non-blocking copies (``exporter/snapshot.py``).
+        A collective; returns once every copy is complete.  The tensors are valid until the
+        snapshot is written by ``write_prepared`` (which releases it) or ``.release()``-d."""
+        from . import snapshot
+
+        return snapshot.take(run_jobs(self.plan, self.dtype), self.layout(), on_cuda=self._on_cuda())
 
 
 def prepare_export(model, arch: str, dtype=torch.bfloat16, hf_config_overrides: Optional[dict] = None, check_hf_keys: bool = True) -> PreparedExport:
@@ -278,12 +305,15 @@ def write_prepared(
     t0: Optional[float] = None,
     group: Any = None,
     log_level: int = logging.INFO,
+    writers: Optional[int] = None,
 ) -> ExportResult:
     """Stream ``tensors`` into shards, commit on rank 0 and publish ``out_dir``.  Collective
     over ``group`` (default: the world); a background writer passes a group of its own.
-    ``tensors`` may be a generator that gathers (sync) or a host snapshot (async)."""
+    ``tensors`` may be a generator that gathers (sync) or a host snapshot (async; released
+    once written).  ``writers``: parallel part files (and threads) per rank; default
+    :func:`default_writers`."""
     from ..publish import make_staging_dir, publish, write_manifest
-    from .writer import ShardWriter, final_shard_names, finalize_shards, parse_size
+    from .writer import STREAM_INFLIGHT_BYTES, ShardWriter, default_writers, final_shard_names, finalize_shards, parse_size
 
     t0 = time.perf_counter() if t0 is None else t0
     out_dir = Path(out_dir)
@@ -312,8 +342,12 @@ def write_prepared(
     # writing, then agree on the outcome with one all-reduce.
     failure: Optional[BaseException] = None
     writer = None
+    in_memory = hasattr(tensors, "release")  # a host snapshot: its tensors stay in memory anyway
     try:
-        writer = ShardWriter(staging, max_bytes, prefix=f"rank{layout.world_rank:05d}")
+        writer = ShardWriter(
+            staging, max_bytes, prefix=f"rank{layout.world_rank:05d}", layout=prepared.layout(),
+            writers=writers or default_writers(), max_inflight_bytes=None if in_memory else STREAM_INFLIGHT_BYTES,
+        )
     except Exception as e:
         failure = e
     try:
@@ -328,14 +362,18 @@ def write_prepared(
             nbytes = writer.total_bytes
     except Exception as e:  # raised by the generator itself
         failure = failure or e
-    if failure is not None:
-        if writer is not None:
-            writer.abort()  # no temporary part left behind, no hash thread still reading
-        ok, message = False, f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
-        log.error("HF export failed while writing %s: %s", out_dir, message)
-        if parallel._world(group) == 1:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise failure
+    try:
+        if failure is not None:
+            if writer is not None:
+                writer.abort()  # no temporary part left behind, no writer thread still reading
+            ok, message = False, f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
+            log.error("HF export failed while writing %s: %s", out_dir, message)
+            if parallel._world(group) == 1:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise failure
+    finally:
+        if in_memory:
+            tensors.release()  # nothing reads the snapshot any more: its buffer serves the next export
     try:
         parallel.all_ok(ok, message, group=group)
     except Exception:
@@ -349,7 +387,7 @@ def write_prepared(
 
     # Small metadata only: each rank's {tensor: part file}, its byte count and the sha256 of
     # the parts it wrote (hashed while writing), so rank 0 never reads other ranks' shards back.
-    maps = parallel.gather_objects((key_to_part, nbytes, dict(writer.digests)), group=group)
+    maps = parallel.gather_objects((key_to_part, nbytes, dict(writer.digests) if writer else {}), group=group)
     result_or_err = None
     if rank0:
         try:

@@ -4,6 +4,16 @@ HF tensors, and yield them one at a time.
 Every rank iterates the same job list in the same order, so the tensor-parallel gathers
 inside each group line up; ranks that do not own a job take part in its gather and yield
 nothing.  Memory held at any time: one gathered tensor and its packed form.
+
+All the work happens on the device where the weights live (pure torch ops that run on CPU
+and CUDA alike): the consumer decides where the results go (``PreparedExport.tensors``
+copies each to the host, ``host_snapshot`` into a pinned pool).  A yielded tensor may be a
+view of the model's own storage (a rename or a gate/up half in the export dtype), so a
+consumer that keeps it past the next optimizer step must copy it.
+
+:func:`describe` lists, without touching any data, the names, dtypes and shapes that
+:func:`run_jobs` will yield on this rank, in the same order: the writer lays out its part
+headers from it and the host snapshot sizes its pool.
 """
 
 from __future__ import annotations
@@ -17,12 +27,16 @@ from .parallel import gather_to_owner, max_over
 from .plan import ExportPlan, Job, attention_shape
 
 
-def _quant_spec(job: Job, plan: ExportPlan):
-    if job.quant_module is None:
+def _read_spec(job: Job):
+    if job.quant_module is None or not job.is_weight:
         return None
     from . import quant  # lazy: ModelOpt state is only read when quantizers exist
 
-    spec = quant.read_quant_spec(job.quant_module, job.source, expert_index=job.quant_index)
+    return quant.read_quant_spec(job.quant_module, job.source, expert_index=job.quant_index)
+
+
+def _quant_spec(job: Job, plan: ExportPlan):
+    spec = _read_spec(job)
     if spec is not None and job.tp_dim is not None and job.group.size > 1:
         # Per-tensor scales of a TP-split weight must be the same on every shard: use the max
         # over the group (ModelOpt does not sync block-quantized amax across TP).  Row-parallel
@@ -52,10 +66,9 @@ def run_jobs(plan: ExportPlan, dtype: torch.dtype) -> Iterator[tuple[str, torch.
 
 
 def convert(job: Job, full: torch.Tensor, spec, dtype: torch.dtype, shape) -> Iterator[tuple[str, torch.Tensor]]:
-    """One full Megatron tensor -> its HF tensors (pure)."""
+    """One full Megatron tensor -> its HF tensors (pure, on ``full``'s device; the results
+    may be views of ``full``)."""
     full = full.detach()
-    if full.device.type != "cpu":
-        full = full.to("cpu", non_blocking=False)
     rows = full.shape[0]
     plan = job.kind(job.targets, rows, shape)
     if spec is not None:
@@ -69,7 +82,53 @@ def convert(job: Job, full: torch.Tensor, spec, dtype: torch.dtype, shape) -> It
         return
     out_dtype = torch.float32 if job.keep_fp32 else dtype
     for target, idx in plan:
-        if idx is None:  # a fresh tensor, never the model's own storage (async snapshots)
-            yield target, full.to(out_dtype, copy=True).contiguous()
-        else:
-            yield target, full.index_select(0, idx).to(out_dtype).contiguous()
+        t = mk.apply_rows(full, idx)
+        yield target, (t if t.dtype == out_dtype else t.to(out_dtype)).contiguous()
+
+
+def _full_shape(job: Job) -> list[int]:
+    shape = list(job.tensor.shape)
+    if job.tp_dim is not None and job.group.size > 1:
+        shape[job.tp_dim % len(shape)] *= job.group.size
+    return shape
+
+
+def _packed_specs(algo: str, shape: list[int], with_input: bool) -> list[tuple[str, torch.dtype, list[int]]]:
+    """What ``quant.pack_weight`` returns for a weight of ``shape``, in its dict order."""
+    if algo == "NVFP4":
+        rows, cols = shape  # pack_weight raises for other ranks; planning checked the tiling
+        out = [("weight", torch.uint8, [rows, cols // 2]), ("weight_scale", torch.float8_e4m3fn, [rows, cols // 16]),
+               ("weight_scale_2", torch.float32, [])]
+    else:
+        out = [("weight", torch.float8_e4m3fn, shape), ("weight_scale", torch.float32, [])]
+    if with_input:
+        out.append(("input_scale", torch.float32, []))
+    return out
+
+
+def describe(plan: ExportPlan, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``[(HF name, dtype, shape)]`` of what :func:`run_jobs` yields on this rank, in order,
+    from the plan alone (no data, no collectives)."""
+    shape = attention_shape(plan.info.config)
+    out: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    for job in plan.jobs:
+        if not job.owner:
+            continue
+        full = _full_shape(job)
+        rows = full[0]
+        row_plan = job.kind(job.targets, rows, shape)
+        spec = _read_spec(job)
+        if spec is not None:
+            packed = _packed_specs(spec.algo, full, spec.input_amax is not None)
+            for target, idx in row_plan:
+                n = rows if idx is None else idx.numel()
+                base = target[: -len(".weight")]
+                for suffix, dt, s in packed:
+                    s = [n, *s[1:]] if len(s) >= 1 and s[0] == rows else s
+                    out.append((f"{base}.{suffix}", dt, tuple(s)))
+            continue
+        out_dtype = torch.float32 if job.keep_fp32 else dtype
+        for target, idx in row_plan:
+            n = rows if idx is None else idx.numel()
+            out.append((target, out_dtype, tuple([n, *full[1:]])))
+    return out

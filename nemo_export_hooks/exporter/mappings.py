@@ -63,7 +63,16 @@ MappingKind = Callable[..., RowPlan]
 
 
 def apply_rows(tensor: torch.Tensor, rows: "torch.Tensor | None") -> torch.Tensor:
-    return tensor if rows is None else tensor.index_select(0, rows)
+    """``tensor[rows]`` on the tensor's own device: a view (``narrow``) when the rows are
+    one ascending run (gate/up halves), else a gather with the index moved to the tensor."""
+    if rows is None:
+        return tensor
+    n = rows.numel()
+    if n and rows.dim() == 1:
+        first = int(rows[0])
+        if int(rows[-1]) == first + n - 1 and (n < 3 or bool((rows.diff() == 1).all())):
+            return tensor.narrow(0, first, n)
+    return tensor.index_select(0, rows.to(tensor.device))
 
 
 def apply_plan_to_packed(packed: dict[str, torch.Tensor], plan: RowPlan, total_rows: int) -> list[tuple[str, dict[str, torch.Tensor]]]:

@@ -23,7 +23,8 @@ Everything here is a pure function of tensors and quantizer attributes.  ModelOp
 never imported: quantizers are recognised by structure (``is_enabled``, ``num_bits``,
 ``block_sizes``, ``axis``, ``_amax``), so the package imports without ModelOpt, and
 ``state_dict()`` (which calls ``torch.cuda.synchronize()`` on quantized Megatron modules) is
-never used.  Nothing here needs CUDA or mutates its inputs.
+never used.  Nothing here needs CUDA or mutates its inputs; packing runs
+on the weight's device (CPU or CUDA) with the same bits on both.
 
 Tensor parallelism: :func:`read_quant_spec` returns *this rank's* amax.  A per-tensor amax
 of a TP-split weight must be reduced (max over the TP group) before :func:`pack_weight`;
@@ -474,9 +475,16 @@ def _pack_nvfp4(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
     return out
 
 
+def _device_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-dim float32 tensor on ``like``'s device.  Dividing by it is an IEEE
+    division on every device: CUDA turns ``tensor / python_or_cpu_scalar`` into a
+    multiplication by the float32 reciprocal, which is not the same number."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
 def _pack_fp8(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     amax = _checked_amax(spec, "weight", weight.device)
-    scale = amax / _E4M3_MAX
+    scale = amax / _device_scalar(_E4M3_MAX, amax)
     q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     flat_w, flat_q = weight.reshape(-1), q.view(-1)
     for i in range(0, flat_w.numel(), _CHUNK_ELEMS):
@@ -486,7 +494,8 @@ def _pack_fp8(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
         flat_q[i : i + _CHUNK_ELEMS] = chunk.clamp_(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
     out = {"weight": q, "weight_scale": scale.clone()}
     if spec.input_amax is not None:
-        out["input_scale"] = _checked_amax(spec, "input", weight.device) / _E4M3_MAX
+        input_amax = _checked_amax(spec, "input", weight.device)
+        out["input_scale"] = input_amax / _device_scalar(_E4M3_MAX, input_amax)
     return out
 
 

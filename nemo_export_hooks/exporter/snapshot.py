@@ -1,0 +1,184 @@
+"""The async export's host copy: this rank's converted tensors in one reused host buffer.
+
+Why a pool: the training thread waits for this copy, so it must run at the speed of the
+device->host link.  Fresh host memory at every export costs page faults (and, for pageable
+memory, a CUDA staging copy at a fraction of the link's speed), so one buffer of exactly
+this rank's bytes (the plan knows every name, dtype and shape: ``execute.describe``) is
+allocated once, page-locked with ``cudaHostRegister`` when the weights are on a GPU (not
+``pin_memory``: its caching allocator rounds a 16 GB request up to 32 GB), and reused by
+every later export of the same layout.  Host memory: the rank's share plus 64 bytes of
+alignment per tensor.
+
+The copy: every tensor is converted on its device by ``run_jobs`` (cast, split, quantized
+packing) and copied with one non-blocking ``copy_`` into its view of the pool, on the
+current stream.  GPU temporaries are dropped right after their copy is queued; the caching
+allocator hands their memory only to later work on the same stream, so it is reused once
+the copy is done, never before.  Extra GPU memory is therefore one tensor's conversion
+(nothing for a rename or a gate/up half already in the export dtype: those are copied
+straight from the parameter), and the CPU never runs more than ``INFLIGHT_BYTES`` of copies
+ahead of the GPU.  The snapshot returns after the last copy has completed, so the training
+step that follows cannot change what is being copied.  On a CPU model the same path runs
+(no pinning, ``copy_`` is a memcpy): the snapshot never shares the model's storage.
+
+A pool is in use from :func:`take` until :meth:`HostSnapshot.release` (``write_prepared``
+releases the snapshot it wrote).  A snapshot never released keeps its buffer; the next one
+then gets a fresh buffer of its own (slower, never wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterable, Optional
+
+import torch
+
+log = logging.getLogger("nemo_export_hooks")
+
+INFLIGHT_BYTES = 256 << 20  # device->host copies queued ahead of the GPU, at most (x2)
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class _Pool:
+    """One host buffer, page-locked when ``pinned``; unregistered when replaced."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self.pinned = False
+        self.busy = False
+        if pin:
+            self.pinned = _register(self.buf)
+
+    def free(self) -> None:
+        if self.pinned:
+            _unregister(self.buf)
+            self.pinned = False
+        self.buf = None
+
+
+def _register(buf: torch.Tensor) -> bool:
+    """Page-lock ``buf`` in place (CUDA only).  Returns False (pageable copies, slower but
+    correct) when it is refused."""
+    try:
+        rc = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 1))  # 1: cudaHostRegisterPortable
+    except Exception as e:  # pragma: no cover - CUDA only
+        log.warning("HF export: cannot page-lock the %.2f GB host snapshot buffer (%s); copies will be slower", buf.numel() / 1e9, e)
+        return False
+    if rc != 0:  # pragma: no cover - CUDA only
+        log.warning("HF export: cudaHostRegister of the %.2f GB host snapshot buffer failed (cudaError %d); copies will be slower", buf.numel() / 1e9, rc)
+        return False
+    return True
+
+
+def _unregister(buf: torch.Tensor) -> None:  # pragma: no cover - CUDA only
+    try:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    except Exception:
+        pass
+
+
+_LOCK = threading.Lock()
+_POOL: Optional[_Pool] = None
+
+
+def reserve(nbytes: int, pin: bool) -> _Pool:
+    """The process's pool for ``nbytes`` (allocated, or re-allocated when the size or the
+    pinning changed); a pool still in use is left alone and a fresh one is returned."""
+    global _POOL
+    with _LOCK:
+        p = _POOL
+        if p is not None and p.busy:
+            log.info("HF export: the host snapshot buffer is still in use; allocating a fresh one for this export")
+            return _Pool(nbytes, pin)
+        if p is not None and p.buf is not None and p.buf.numel() == max(nbytes, 1) and (p.pinned or not pin):
+            return p
+        if p is not None:
+            p.free()
+        _POOL = _Pool(nbytes, pin)
+        return _POOL
+
+
+class HostSnapshot(list):
+    """``[(name, host tensor)]`` (views of one pool buffer); :meth:`release` hands the
+    buffer back for the next export once nothing reads these tensors any more."""
+
+    pool: Optional[_Pool] = None
+
+    def release(self) -> None:
+        pool, self.pool = self.pool, None
+        self.clear()
+        if pool is not None:
+            with _LOCK:
+                pool.busy = False
+
+
+def layout_bytes(layout) -> int:
+    return sum(_aligned(_nbytes(dt, shape)) for _, dt, shape in layout)
+
+
+def take(items: Iterable[tuple[str, torch.Tensor]], layout, on_cuda: bool) -> HostSnapshot:
+    """Copy ``items`` (what ``run_jobs`` yields, in ``layout`` order) into the pool."""
+    pool = reserve(layout_bytes(layout), pin=on_cuda)
+    with _LOCK:
+        pool.busy = True
+    snap = HostSnapshot()
+    snap.pool = pool
+    views = []
+    off = 0
+    for name, dt, shape in layout:
+        n = _nbytes(dt, shape)
+        views.append((name, pool.buf.narrow(0, off, n).view(dt).view(shape)))
+        off += _aligned(n)
+    failure: Optional[BaseException] = None
+    i = 0
+    pending, prev_event = 0, None
+    try:
+        for name, t in items:  # a collective generator: drained even after a failure
+            if failure is not None:
+                continue
+            try:
+                if i >= len(views):
+                    raise RuntimeError(f"the export produced {name!r} beyond the {len(views)} tensors its plan lists")
+                vname, view = views[i]
+                if (name, t.dtype, tuple(t.shape)) != (vname, view.dtype, tuple(view.shape)):
+                    raise RuntimeError(
+                        f"the export produced {name!r} {t.dtype} {list(t.shape)} where its plan lists "
+                        f"{vname!r} {view.dtype} {list(view.shape)}"
+                    )
+                view.copy_(t, non_blocking=t.device.type == "cuda")
+                i += 1
+                if t.device.type == "cuda":  # bound how far the CPU runs ahead of the copies
+                    pending += view.numel() * view.element_size()
+                    if pending >= INFLIGHT_BYTES:
+                        ev = torch.cuda.Event()
+                        ev.record()
+                        if prev_event is not None:
+                            prev_event.synchronize()
+                        prev_event, pending = ev, 0
+            except BaseException as e:
+                failure = e
+            finally:
+                del t
+        if on_cuda:
+            torch.cuda.synchronize()
+        if failure is None and i != len(views):
+            failure = RuntimeError(f"the export produced {i} tensors where its plan lists {len(views)}")
+    except BaseException:
+        snap.release()
+        raise
+    if failure is not None:
+        snap.release()
+        raise failure
+    snap.extend(views)
+    return snap
