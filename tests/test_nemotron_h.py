@@ -60,6 +60,14 @@ def _cfg(path):
 # -- what each HF tensor must be, from the Megatron model (independent of the rule table) ----
 
 
+def _mixer_param(mixer, name):
+    """A Mamba mixer parameter by its HF-side name; megatron-core >= 0.19 holds the conv as the
+    mixer's own ``conv1d_weight`` / ``conv1d_bias`` instead of an ``nn.Conv1d``."""
+    if name.startswith("conv1d.") and not hasattr(mixer, "conv1d"):
+        return getattr(mixer, name.replace(".", "_"))
+    return mixer.get_parameter(name)
+
+
 def _norm_weight(layer, module_attr, fused_owner):
     from megatron.core.transformer.identity_op import IdentityOp
 
@@ -105,7 +113,7 @@ def expected_tensors(m, pattern) -> dict[str, torch.Tensor]:
             mx = layer.mixer
             out[p + "norm.weight"] = _norm_weight(layer, "norm", mx.in_proj)
             for n in ("in_proj.weight", "out_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight"):
-                out[p + "mixer." + n] = mx.get_parameter(n)
+                out[p + "mixer." + n] = _mixer_param(mx, n)
         elif t == "*":
             sa = layer.self_attention
             out[p + "norm.weight"] = _norm_weight(layer, "input_layernorm", sa.linear_qkv)
@@ -248,7 +256,7 @@ def test_mamba_patterns_tensor_by_tensor(mcore, tmp_path, pattern, layout, names
         assert torch.equal(layer.norm.weight, got[p + "norm.weight"])
         if t == "M":
             mixer, meg = layer.mixer, m.decoder.layers[i].mixer
-            assert mixer.intermediate_size == meg.d_inner and mixer.conv_dim == meg.conv1d.weight.shape[0]
+            assert mixer.intermediate_size == meg.d_inner and mixer.conv_dim == _mixer_param(meg, "conv1d.weight").shape[0]
             assert mixer.num_heads == meg.nheads and mixer.n_groups == meg.ngroups and mixer.ssm_state_size == meg.d_state
             assert mixer.norm.group_size == meg.norm.group_size
             for n in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight", "out_proj.weight"):
@@ -322,7 +330,7 @@ def test_planner_binds_the_tp_size(mcore):
     d, bc, nh = mixer.d_inner, mixer.ngroups * mixer.d_state, mixer.nheads
     checked = 0
     for job in plan.jobs:
-        if job.source.endswith(("in_proj.weight", "conv1d.weight", "conv1d.bias")):
+        if job.source.endswith(("in_proj.weight", "conv1d.weight", "conv1d.bias", "conv1d_weight", "conv1d_bias")):
             sizes = [d, d, bc, bc, nh] if "in_proj" in job.source else [d, bc, bc]
             full = job.tensor.detach()  # this model's (TP=1) tensor, in HF order
             parts = full.split(sizes)

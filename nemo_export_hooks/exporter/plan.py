@@ -101,6 +101,7 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
         )
     if rule.check is not None:
         rule.check(info)
+    _check_shared_expert_interleave(info)
     plan = ExportPlan(rule, info, layout, chunks=chunks)
     dense_owner = layout.owns_dense
     for chunk in chunks:
@@ -123,6 +124,19 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
             w = out.weight
             plan.jobs.append(Job("output_layer.weight", (rule.output,), mk.rename, w, _tp_dim(w), layout.tp, False, dense_owner))
     return plan
+
+
+def _check_shared_expert_interleave(info: ModelInfo) -> None:
+    """megatron-core 0.19 ``moe_shared_expert_glu_interleave_size``: the fused shared-expert
+    path keeps ``mlp.shared_experts.linear_fc1`` rows in gate/up blocks (Megatron-Bridge
+    de-interleaves them when it saves).  Not exported: refused by name, not guessed."""
+    c = info.config
+    size = getattr(c, "moe_shared_expert_glu_interleave_size", None)
+    if size and info.has_shared_experts and c.gated_linear_unit:
+        raise ArchMismatchError(
+            f"mlp.shared_experts.linear_fc1 rows are interleaved in blocks of "
+            f"moe_shared_expert_glu_interleave_size={size}; exporting interleaved shared experts is not supported"
+        )
 
 
 def _check_unmapped(chunks: list) -> None:
@@ -182,19 +196,41 @@ def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
         _plan_experts(plan, ref, experts_mod, prefix, gated)
 
 
+def _glu_interleave(plan: ExportPlan, ref: LayerRef, experts, views, gated: bool) -> Optional[int]:
+    """``moe_mlp_glu_interleave_size`` where it changes the stored row order: only megatron-core's
+    ``TEGroupedMLP`` (per-expert or single grouped weight) applies it, ``SequentialMLP`` experts
+    are plain ``MLP`` modules that never read it (megatron-core 0.19.2 ``moe/experts.py``).
+    Every expert-TP shard's gate and up halves must be whole blocks; refused here otherwise."""
+    size = getattr(plan.info.config, "moe_mlp_glu_interleave_size", None)
+    if not gated or not size or detect_layout(experts) != "te_grouped":
+        return None
+    size = int(size)
+    for v in views:
+        local = int(v.fc1.weight.shape[0])
+        if local % (2 * size):
+            raise ArchMismatchError(
+                f"layer {ref.index} expert {v.global_index} ({v.fc1.name}): {local} fc1 rows on this rank "
+                f"do not split into gate/up blocks of moe_mlp_glu_interleave_size={size}"
+            )
+    return size
+
+
 def _plan_experts(plan: ExportPlan, ref: LayerRef, experts, prefix: str, gated: bool) -> None:
     rule, layout = plan.rule, plan.layout
     names = rule.expert_names
     # EP rank r holds global experts r*n .. r*n+n-1 (errors name the global id too)
     offset = layout.ep.rank * _num_local_experts(experts, detect_layout(experts))
     views = list(iter_experts(experts, ref.index, offset, "mlp.experts"))
+    interleave = _glu_interleave(plan, ref, experts, views, gated)
     for v in views:
         g = offset + v.local_index
         if gated:
             if "gate" not in names:
                 raise ArchMismatchError(f"arch {rule.model_type!r} has non-gated experts; layer {ref.index} experts are gated")
             fc1_targets = (prefix + names["gate"].format(E=g), prefix + names["up"].format(E=g))
-            kind = mk.glu_split
+            # interleaved blocks: a plain gather (each shard keeps its own blocks), then the
+            # TP-aware row selection; otherwise the gate/up-aware gather and a half split
+            kind = mk.glu_interleaved(interleave, layout.etp.size) if interleave else mk.glu_split
         else:
             if "gate" in names:
                 raise ArchMismatchError(f"arch {rule.model_type!r} needs gated experts; layer {ref.index} experts are not gated")

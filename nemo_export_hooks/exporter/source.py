@@ -127,7 +127,8 @@ def mamba_dims(chunks: list[torch.nn.Module]) -> Optional[dict]:
     for chunk in chunks:
         for layer in chunk.decoder.layers:
             m = getattr(layer, "mixer", None)
-            if m is not None and hasattr(m, "A_log") and hasattr(m, "conv1d"):
+            conv_w, conv_b = _mamba_conv(m)
+            if m is not None and hasattr(m, "A_log") and conv_w is not None:
                 norm = getattr(m, "norm", None)
                 return {
                     "nheads": int(m.nheads),
@@ -137,7 +138,7 @@ def mamba_dims(chunks: list[torch.nn.Module]) -> Optional[dict]:
                     "d_inner": int(m.d_inner),
                     "d_conv": int(m.d_conv),
                     "chunk_size": int(getattr(m, "chunk_size", 128)),
-                    "conv_bias": m.conv1d.bias is not None,
+                    "conv_bias": conv_b is not None,
                     "rmsnorm": bool(getattr(m, "rmsnorm", True)),
                     "norm_before_gate": bool(getattr(m, "norm_before_gate", False)),
                     "D_has_hdim": bool(getattr(m, "D_has_hdim", False)),
@@ -152,6 +153,18 @@ def mamba_dims(chunks: list[torch.nn.Module]) -> Optional[dict]:
         "d_inner": nheads * headdim, "d_conv": 4, "chunk_size": 128, "conv_bias": True, "rmsnorm": True,
         "norm_before_gate": False, "D_has_hdim": False, "norm_eps": 1e-5, "from_config": True,
     }
+
+
+def _mamba_conv(mixer) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A Mamba mixer's conv weight and bias: an ``nn.Conv1d`` ``conv1d`` (megatron-core <= 0.18)
+    or the mixer's own ``conv1d_weight`` / ``conv1d_bias`` parameters (0.19)."""
+    if mixer is None:
+        return None, None
+    conv = getattr(mixer, "conv1d", None)
+    if isinstance(conv, torch.nn.Module):
+        return conv.weight, conv.bias
+    w = getattr(mixer, "conv1d_weight", None)
+    return (w, getattr(mixer, "conv1d_bias", None)) if isinstance(w, torch.Tensor) else (None, None)
 
 
 def final_norm(decoder: torch.nn.Module) -> tuple[Optional[torch.nn.Module], str]:

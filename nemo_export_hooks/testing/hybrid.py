@@ -163,8 +163,12 @@ def _local_norm_cls():
 @contextlib.contextmanager
 def _construction_standins() -> Iterator[None]:
     """Patch the module globals listed in the module docstring, and restore them."""
-    from megatron.core.ssm import mamba_block
+    from megatron.core.ssm.mamba_block import MambaStack
     from megatron.core.transformer.moe import moe_layer
+
+    # megatron-core >= 0.19 defines the stack in models/hybrid/hybrid_block.py and re-exports it
+    # from ssm/mamba_block.py: patch the module the class reads its globals from.
+    mamba_block = sys.modules[MambaStack.__module__]
 
     mixer = import_mamba_mixer()
     from megatron.core.ssm import mamba_context_parallel as mcp
@@ -199,8 +203,12 @@ def _construction_standins() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def local_mamba_stack_spec(num_experts: Optional[int]):
-    """``MambaStackSubmodules`` of ``mamba_stack_spec`` with local modules (see module doc)."""
+def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = False):
+    """``MambaStackSubmodules`` of ``mamba_stack_spec`` with local modules (see module doc).
+
+    ``qk_layernorm``: attention layers get local q/k norms (``self_attention.q_layernorm`` /
+    ``k_layernorm``), as ``get_gpt_layer_local_spec`` gives them; megatron-core >= 0.19 refuses
+    ``qk_layernorm=True`` without them instead of falling back to ``TENorm``."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -221,6 +229,7 @@ def local_mamba_stack_spec(num_experts: Optional[int]):
 
     mixer_mod = import_mamba_mixer()
     norm = _local_norm_cls()
+    qk_norms = dict(q_layernorm=norm, k_layernorm=norm) if qk_layernorm else {}
     moe_layer = None
     if num_experts:
         moe_layer = ModuleSpec(
@@ -254,6 +263,7 @@ def local_mamba_stack_spec(num_experts: Optional[int]):
                         linear_qkv=ColumnParallelLinear,
                         core_attention=DotProductAttention,
                         linear_proj=RowParallelLinear,
+                        **qk_norms,
                     ),
                 ),
                 self_attn_bda=get_bias_dropout_add,
@@ -314,7 +324,7 @@ def build_mamba(spec: TinySpec, pattern: str, seed: int = 1234, position_embeddi
 
     apply_cpu_shims()
     cfg = transformer_config(spec, **config_overrides)
-    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None)
+    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm)
     torch.manual_seed(seed)
     with _construction_standins():
         model = MambaModel(
