@@ -71,11 +71,44 @@ def _tp_dim(t: torch.Tensor) -> Optional[int]:
     return None
 
 
-def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
+def pair_hybrid_layers(layer_types: list[str], model_type: str) -> list[int]:
+    """HF layer index of every layer of a hybrid stack exported to a transformer arch.
+
+    megatron-core 0.19's ``HybridModel`` (``GPTModel`` is deprecated) writes a transformer as
+    separate attention and MLP/MoE layers: a Qwen3-MoE is ``*E*E...``.  An HF transformer layer
+    is one attention layer followed by its MLP (``-``) or MoE (``E``) layer; layer names inside
+    them are the ``TransformerLayer`` names the GPT form uses.  Anything else (Mamba, a lone
+    attention or MLP layer, other mixers) has no place in the HF model: refused, naming the
+    position."""
+    pattern = "".join(layer_types)
+    if len(layer_types) % 2 or any(
+        (t != "*") if i % 2 == 0 else (t not in ("-", "E")) for i, t in enumerate(layer_types)
+    ):
+        bad = next(
+            (i for i, t in enumerate(layer_types) if ((t != "*") if i % 2 == 0 else (t not in ("-", "E")))),
+            len(layer_types),
+        )
+        raise ArchMismatchError(
+            f"arch {model_type!r} is a transformer (attention then MLP/MoE in every layer); the model's "
+            f"hybrid layer pattern {pattern!r} does not pair into '*-' / '*E' layers (layer {bad}"
+            + (f" is {layer_types[bad]!r})" if bad < len(layer_types) else " is missing its MLP/MoE)")
+        )
+    return [i // 2 for i in range(len(layer_types))]
+
+
+def model_info(chunks: list, layers: list[LayerRef], rule: Optional[ArchRule] = None) -> ModelInfo:
     cfg = chunks[0].config
     attrs = model_attrs(chunks)
     moe_layers: list[int]
     layer_types = hybrid_layer_types(chunks)
+    if layer_types is not None and rule is not None and not rule.hybrid_native:
+        # HybridModel as a transformer: HF layer k = Megatron layers 2k (attention), 2k+1 (MLP/MoE)
+        hf_of = pair_hybrid_layers(layer_types, rule.model_type)
+        moe_layers = sorted({hf_of[i] for i, t in enumerate(layer_types) if t == "E"})
+        has_shared = bool(getattr(cfg, "moe_shared_expert_intermediate_size", None))
+        has_bias = bool(getattr(cfg, "moe_router_enable_expert_bias", False))
+        return ModelInfo(cfg, attrs, moe_layers, len(layer_types) // 2, has_shared, has_bias,
+                         layer_types=layer_types, hf_layer_of=hf_of)
     if layer_types is not None:  # MambaModel: MoE exactly where the hybrid pattern says "E"
         moe_layers = [i for i, t in enumerate(layer_types) if t == "E"]
     elif getattr(cfg, "num_moe_experts", None):
@@ -94,7 +127,7 @@ def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
 
 def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPlan:
     layers = list(iter_layers(chunks))
-    info = model_info(chunks, layers)
+    info = model_info(chunks, layers, rule)
     if info.moe_layers and not rule.supports_moe:
         raise ArchMismatchError(
             f"arch {rule.model_type!r} has no experts, but the model has MoE layers {info.moe_layers}"
@@ -154,7 +187,8 @@ def _check_unmapped(chunks: list) -> None:
 
 def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
     rule, layout, cfg = plan.rule, plan.layout, plan.info.config
-    prefix = rule.layer_prefix.format(L=ref.index)
+    hf_index = plan.info.hf_layer_of[ref.index] if plan.info.hf_layer_of is not None else ref.index
+    prefix = rule.layer_prefix.format(L=hf_index)
     layer = ref.module
     gated = bool(cfg.gated_linear_unit)
     experts_mod = getattr(getattr(layer, "mlp", None), "experts", None)

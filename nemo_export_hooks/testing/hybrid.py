@@ -346,6 +346,65 @@ def build_mamba(spec: TinySpec, pattern: str, seed: int = 1234, position_embeddi
     return model
 
 
+def build_hybrid(spec: TinySpec, pattern: str, seed: int = 1234, position_embedding_type: str = "rope", **config_overrides):
+    """Build megatron-core 0.19's ``HybridModel`` (the successor of the deprecated ``GPTModel``)
+    with ``hybrid_layer_pattern=pattern`` from the local stack spec, on CPU; a transformer is
+    the pattern ``*E*E...`` / ``*-*-...`` (attention and MLP/MoE as separate layers).  Parallel
+    state must be initialised."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    apply_cpu_shims()
+    # a hybrid stack's num_layers counts its pattern's layers (attention and MoE separately)
+    config_overrides.setdefault("num_layers", len(pattern.split("/")[0].replace("|", "")))
+    cfg = transformer_config(spec, **config_overrides)
+    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm)
+    torch.manual_seed(seed)
+    with _construction_standins():
+        model = HybridModel(
+            config=cfg,
+            hybrid_stack_spec=stack,
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_seq_len,
+            hybrid_layer_pattern=pattern,
+            share_embeddings_and_output_weights=spec.tie_embeddings,
+            position_embedding_type=position_embedding_type,
+            rotary_base=int(spec.rotary_base),
+        )
+    _randomise_norms_and_biases(model, seed)
+    return model
+
+
+def copy_gpt_into_hybrid(gpt, hybrid) -> None:
+    """Give a ``*E*E`` / ``*-*-`` ``HybridModel`` exactly the weights of a ``GPTModel``: GPT
+    layer k's attention part (``input_layernorm``, ``self_attention.*``) goes to hybrid layer
+    2k, its MLP part (``pre_mlp_layernorm``, ``mlp.*``) to layer 2k+1, ``final_layernorm`` to
+    ``final_norm``.  Every hybrid parameter and buffer must be assigned exactly once."""
+    src = dict(gpt.named_parameters())
+    src.update({n: b for n, b in gpt.named_buffers() if b is not None})
+    dst = dict(hybrid.named_parameters())
+    dst.update({n: b for n, b in hybrid.named_buffers() if b is not None and n.endswith(("expert_bias",))})
+    done = set()
+    with torch.no_grad():
+        for name, t in src.items():
+            if name.startswith("decoder.layers."):
+                k, rest = name[len("decoder.layers."):].split(".", 1)
+                attn = rest.startswith(("input_layernorm.", "self_attention."))
+                target = f"decoder.layers.{2 * int(k) + (0 if attn else 1)}.{rest}"
+            elif name.startswith("decoder.final_layernorm."):
+                target = "decoder.final_norm." + name[len("decoder.final_layernorm."):]
+            else:
+                target = name
+            if target not in dst:
+                if name.endswith(("local_tokens_per_expert",)) or t.dim() == 0:
+                    continue
+                raise KeyError(f"GPT tensor {name} has no place {target} in the hybrid model")
+            dst[target].copy_(t)
+            done.add(target)
+    missing = sorted(set(dst) - done)
+    if missing:
+        raise KeyError(f"hybrid tensors not assigned from the GPT model: {missing}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Transformer Engine naming of the fused norms
 # ---------------------------------------------------------------------------------------------

@@ -344,6 +344,7 @@ NEMOTRON_H = ArchRule(
     # (mamba_moe_*_aggressive) and not by others (*_conservative): api._quant_summary lists
     # each one that has no quantizer by name, as ModelOpt's own export does.
     quant_exclude=("lm_head", "backbone.embeddings", "*.mixer.gate", "*.mixer.conv1d"),
+    hybrid_native=True,
 )
 
 register(NEMOTRON_H)
