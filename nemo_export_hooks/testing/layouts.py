@@ -119,9 +119,12 @@ class TEGroupedLinearStandIn(GroupedLinearStandIn):
     ``TEGroupedMLP`` (same constructor arguments), returns ``(output, bias)`` like the wrapper
     (``bias`` only with ``skip_bias_add``: one tensor per expert)."""
 
+    SINGLE_GROUPED_WEIGHT = False
+
     def __init__(self, num_gemms, input_size, output_size, *, config, init_method=None, bias=False,
-                 skip_bias_add=False, is_expert=True, tp_comm_buffer_name=None, pg_collection=None, name=None,
-                 single_grouped_weight=False):
+                 skip_bias_add=False, is_expert=True, **_groups_and_names):
+        # _groups_and_names: tp_comm_buffer_name, tp_group (<= 0.16) / pg_collection, name (0.19)
+        single_grouped_weight = self.SINGLE_GROUPED_WEIGHT
         dtype = config.params_dtype
         weights = [torch.empty(output_size, input_size, dtype=dtype) for _ in range(num_gemms)]
         for w in weights:
@@ -136,6 +139,12 @@ class TEGroupedLinearStandIn(GroupedLinearStandIn):
             outs = [c @ self.expert_tensor("weight", i).t() for i, c in enumerate(torch.split(x, m_splits))]
             return torch.cat(outs), [self.expert_tensor("bias", i) for i in range(self.num_gemms)]
         return super().forward(x, m_splits), None
+
+
+class TEGroupedLinearSingleStandIn(TEGroupedLinearStandIn):
+    """The same with ``moe_single_grouped_weight`` (one grouped ``weight``)."""
+
+    SINGLE_GROUPED_WEIGHT = True
 
 
 class TEGroupedMLPStandIn(torch.nn.Module):
@@ -197,13 +206,16 @@ def to_mcore_te_grouped(model, single_grouped_weight: bool = False) -> None:
     ``weight{i}``, or one single grouped ``weight``), holding the same weights.  With
     ``config.moe_mlp_glu_interleave_size`` set, fc1 rows are stored interleaved, as a model
     trained with that option holds them."""
-    import functools
-
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupedMLP
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    try:  # megatron-core >= 0.19
+        from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
+    except ImportError:  # <= 0.18: TEGroupedMLP takes the dense MLP's submodules
+        from megatron.core.transformer.mlp import MLPSubmodules as GroupedMLPSubmodules
 
     apply_cpu_shims()
-    builder = functools.partial(TEGroupedLinearStandIn, single_grouped_weight=single_grouped_weight)
+    builder = TEGroupedLinearSingleStandIn if single_grouped_weight else TEGroupedLinearStandIn
     for layer in model.decoder.layers:
         mlp = getattr(layer, "mlp", None)
         experts = getattr(mlp, "experts", None)
