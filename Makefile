@@ -10,7 +10,13 @@ STAMP_NEXT := $(VENV_NEXT)/.installed
 # transformers 5: its tests run only here).
 NEXT_TESTS := tests/test_export_core.py tests/test_export_errors.py tests/test_nemotron_h.py
 
+# Third CI job: the exporter on megatron-core 0.19.2 (Python 3.11, see constraints-mcore19.txt).
+VENV_MC19 := .venv-mcore19
+STAMP_MC19 := $(VENV_MC19)/.installed
+MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py
+
 .PHONY: venv demo test test-next bench clean
+.PHONY: test-mcore19
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -29,6 +35,16 @@ $(STAMP_NEXT): pyproject.toml constraints-next.txt
 	$(VENV_NEXT)/bin/python -m pip install -q -c constraints-next.txt -e '.[megatron,hf,quant,lightning]' pytest
 	touch $(STAMP_NEXT)
 
+$(STAMP_MC19): pyproject.toml constraints-mcore19.txt
+	test -x $(VENV_MC19)/bin/python || $(PY) -m venv $(VENV_MC19)
+	$(VENV_MC19)/bin/python -m pip install -q --upgrade pip
+	$(VENV_MC19)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt "numpy<2.3"
+	# megatron-core 0.19 declares Python >= 3.12 but imports and runs on 3.11 (builds from its sdist)
+	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt --ignore-requires-python megatron-core triton
+	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt --ignore-requires-python -e '.[megatron,hf,lightning]' pytest
+	touch $(STAMP_MC19)
+
 demo: $(STAMP)
 	$(VPY) -m nemo_export_hooks.demo --out demo_run
 
@@ -38,6 +54,10 @@ test: $(STAMP)
 # Second CI job: the exporter on megatron-core 0.16.1 and transformers 5.x.
 test-next: $(STAMP_NEXT)
 	$(VENV_NEXT)/bin/python -m pytest -q -rs -p no:logging $(NEXT_TESTS)
+
+# Third CI job: the exporter on megatron-core 0.19.2 + transformers 5.x, and the layouts new in 0.18/0.19.
+test-mcore19: $(STAMP_MC19)
+	$(VENV_MC19)/bin/python -m pytest -q -rs -p no:logging $(MC19_TESTS)
 
 bench: $(STAMP)
 	$(VPY) bench/run_all.py
