@@ -190,6 +190,34 @@ def test_interleave_rows_equal_megatron_deinterleave(tp):
 
 
 @needs_interleave
+def test_planner_binds_the_expert_tp_size(mcore):
+    """Through the planner and ``convert`` under a (simulated) expert-TP=2 layout: each rank's
+    fc1 shard is its own gate/up halves interleaved, and the gathered rows come back as the
+    HF gate and up projections."""
+    from nemo_export_hooks.exporter import parallel
+    from nemo_export_hooks.exporter.execute import convert
+    from nemo_export_hooks.exporter.plan import attention_shape, build_plan
+    from nemo_export_hooks.exporter.rules import get_rule
+    from nemo_export_hooks.exporter.source import unwrap_model
+
+    size = 8
+    m = build_gpt(TinySpec(moe_ffn_hidden_size=64), moe_mlp_glu_interleave_size=size)
+    seq = [e.linear_fc1.weight.detach().clone() for e in m.decoder.layers[0].mlp.experts.local_experts]
+    to_mcore_te_grouped(m)
+    one = parallel.Group.single()
+    layout = parallel.ParallelLayout(one, parallel.Group(None, 0, 2), one, 0, 0, 0, 1, 0, 1)
+    plan = build_plan(unwrap_model(m), get_rule("qwen3_moe"), layout)
+    jobs = [j for j in plan.jobs if j.source.startswith("layer 0 expert") and "linear_fc1" in j.source]
+    assert len(jobs) == 4 and all(not j.glu and j.tp_dim == 0 for j in jobs)
+    for e, job in enumerate(jobs):
+        gate, up = seq[e].chunk(2)
+        shards = [interleave_glu_rows(torch.cat([gate.chunk(2)[r], up.chunk(2)[r]]), size) for r in range(2)]
+        out = dict(convert(job, torch.cat(shards), None, torch.float32, attention_shape(m.config)))
+        assert torch.equal(out[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"], gate)
+        assert torch.equal(out[f"model.layers.0.mlp.experts.{e}.up_proj.weight"], up)
+
+
+@needs_interleave
 def test_interleaved_storage_is_what_megatron_computes(mcore):
     """The harness stores fc1 the way megatron-core reads it: same logits as the sequential
     model; the same weights left in cat(gate, up) order under the flag compute something else."""

@@ -81,13 +81,9 @@ def pair_hybrid_layers(layer_types: list[str], model_type: str) -> list[int]:
     attention or MLP layer, other mixers) has no place in the HF model: refused, naming the
     position."""
     pattern = "".join(layer_types)
-    if len(layer_types) % 2 or any(
-        (t != "*") if i % 2 == 0 else (t not in ("-", "E")) for i, t in enumerate(layer_types)
-    ):
-        bad = next(
-            (i for i, t in enumerate(layer_types) if ((t != "*") if i % 2 == 0 else (t not in ("-", "E")))),
-            len(layer_types),
-        )
+    fits = [(t == "*") if i % 2 == 0 else (t in ("-", "E")) for i, t in enumerate(layer_types)]
+    if len(layer_types) % 2 or not all(fits):
+        bad = fits.index(False) if not all(fits) else len(layer_types)
         raise ArchMismatchError(
             f"arch {model_type!r} is a transformer (attention then MLP/MoE in every layer); the model's "
             f"hybrid layer pattern {pattern!r} does not pair into '*-' / '*E' layers (layer {bad}"
