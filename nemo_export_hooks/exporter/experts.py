@@ -2,7 +2,13 @@
 
 * ``SequentialMLP``: ``experts.local_experts.{i}.linear_fc1.weight`` (one module per expert).
 * ``TEGroupedMLP``: one Transformer Engine ``GroupedLinear`` per projection holding
-  ``linear_fc1.weight{i}`` / ``linear_fc2.weight{i}`` (+ ``bias{i}``) for each local expert.
+  ``linear_fc1.weight{i}`` / ``linear_fc2.weight{i}`` (+ ``bias{i}``) for each local expert,
+  or -- megatron-core >= 0.19 ``moe_single_grouped_weight``, TE >= 2.14 -- one
+  ``linear_fc1.weight`` ``[E_local, 2F, H]`` / ``linear_fc2.weight`` ``[E_local, H, F]`` (+ one
+  ``bias``), a TE ``GroupedTensor``.  TE forbids slicing that tensor; its per-expert views are
+  its ``quantized_tensors`` (or ``split_into_quantized_tensors()``), the same API
+  megatron-core's ``TEGroupedLinear._split_grouped_checkpoint_tensor`` uses.  A plain tensor
+  of that shape (no such API) is unbound along dim 0.
 * legacy ``GroupedMLP``: ``experts.weight1`` ``[hidden, E*fc1_out]`` and ``experts.weight2``
   ``[E*ffn, hidden]``, viewed per expert (the grouped_gemm kernel multiplies ``x @ w``).
 
@@ -84,6 +90,48 @@ def _grouped_param(linear: torch.nn.Module, kind: str, i: int, where: str) -> Op
     return t
 
 
+def is_single_grouped(linear: torch.nn.Module, kind: str = "weight") -> bool:
+    """A grouped linear holding all experts in one ``weight`` (or ``bias``) parameter and no
+    ``weight0`` (TE >= 2.14 ``single_grouped_weight``; TE registers ``weight{i}`` as None)."""
+    own = getattr(linear, "_parameters", {})
+    return isinstance(own.get(kind), torch.Tensor) and own.get(f"{kind}0") is None
+
+
+def grouped_members(linear: torch.nn.Module, kind: str, n: int, where: str) -> list[torch.Tensor]:
+    """The per-expert views of a single grouped ``weight``/``bias`` (see module docstring).
+
+    Refuses, naming ``where``: a count other than ``n``, members of the wrong rank, and
+    members that are TE quantized tensors (quantized primary weights), which the exporter does
+    not read."""
+    t = linear._parameters[kind]
+    members = getattr(t, "quantized_tensors", None)
+    if members is None and callable(getattr(t, "split_into_quantized_tensors", None)):
+        members = t.split_into_quantized_tensors()
+    if members is None:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.dim() < 2 or t.shape[0] != n:
+            raise ExpertLayoutError(
+                f"{where}: single grouped `{kind}` of type {type(t).__name__} and shape {tuple(t.shape)} "
+                f"has no per-expert views (quantized_tensors / split_into_quantized_tensors) and is "
+                f"not a plain [{n}, ...] tensor"
+            )
+        members = list(t.unbind(0))
+    members = list(members)
+    if len(members) != n:
+        raise ExpertLayoutError(f"{where}: single grouped `{kind}` holds {len(members)} experts, expected {n}")
+    want = 2 if kind == "weight" else 1
+    for i, m in enumerate(members):
+        plain = type(m) in (torch.Tensor, torch.nn.Parameter) and m.dtype.is_floating_point
+        if not plain:
+            raise ExpertLayoutError(
+                f"{where}: expert {i} of the single grouped `{kind}` is a {type(m).__name__} ({m.dtype}); "
+                "quantized primary weights (fp8/fp4 parameters) are not exported -- train with "
+                "high-precision primary weights or moe_single_grouped_weight=False"
+            )
+        if m.dim() != want:
+            raise ExpertLayoutError(f"{where}: expert {i} of the single grouped `{kind}` has shape {tuple(m.shape)}, expected {want}-D")
+    return members
+
+
 def iter_experts(experts: torch.nn.Module, layer_index: int, expert_offset: int, name: str) -> Iterator[ExpertView]:
     """Yield every local expert of one MoE layer as an :class:`ExpertView`.
 
@@ -113,18 +161,31 @@ def iter_experts(experts: torch.nn.Module, layer_index: int, expert_offset: int,
                 raise ExpertLayoutError(
                     f"layer {layer_index}: {name}.{label} has num_gemms={lin.num_gemms}, expected {n}"
                 )
+        per = {}
+        for lin, label in ((fc1, "linear_fc1"), (fc2, "linear_fc2")):
+            if is_single_grouped(lin):
+                ws = grouped_members(lin, "weight", n, f"layer {layer_index} ({name}.{label}.weight)")
+                names = [f"{name}.{label}.weight[{i}]" for i in range(n)]
+            else:
+                ws = [
+                    _grouped_param(lin, "weight", i, f"layer {layer_index} expert {expert_offset + i} ({name}.{label}.weight{i})")
+                    for i in range(n)
+                ]
+                names = [f"{name}.{label}.weight{i}" for i in range(n)]
+            bs: list = [None] * n
+            if getattr(lin, "use_bias", False):
+                if is_single_grouped(lin, "bias"):
+                    bs = grouped_members(lin, "bias", n, f"layer {layer_index} ({name}.{label}.bias)")
+                else:
+                    bs = [_grouped_param(lin, "bias", i, "") for i in range(n)]
+            per[label] = (ws, bs, names)
+        (w1, b1, n1), (w2, b2, n2) = per["linear_fc1"], per["linear_fc2"]
         for i in range(n):
-            g = expert_offset + i
-            where = f"layer {layer_index} expert {g} ({name}.%s.weight{i})"
-            w1 = _grouped_param(fc1, "weight", i, where % "linear_fc1")
-            w2 = _grouped_param(fc2, "weight", i, where % "linear_fc2")
-            b1 = _grouped_param(fc1, "bias", i, where) if getattr(fc1, "use_bias", False) else None
-            b2 = _grouped_param(fc2, "bias", i, where) if getattr(fc2, "use_bias", False) else None
             yield ExpertView(
                 i,
-                g,
-                ExpertLinear(w1, b1, 0, fc1, i, f"{name}.linear_fc1.weight{i}"),
-                ExpertLinear(w2, b2, 1, fc2, i, f"{name}.linear_fc2.weight{i}"),
+                expert_offset + i,
+                ExpertLinear(w1[i], b1[i], 0, fc1, i, n1[i]),
+                ExpertLinear(w2[i], b2[i], 1, fc2, i, n2[i]),
             )
     else:  # legacy GroupedMLP: the kernel computes x @ w, so transpose each expert's view.
         hidden = experts.weight1.shape[0]

@@ -39,6 +39,29 @@ def glu_split(targets: Sequence[str], rows: int, shape: AttentionShape | None = 
     return [(gate, torch.arange(0, half)), (up, torch.arange(half, rows))]
 
 
+def glu_interleaved(size: int, tp: int) -> "MappingKind":
+    """Gated fc1 of ``TEGroupedMLP`` with ``moe_mlp_glu_interleave_size=size`` (megatron-core
+    >= 0.19): each expert-TP rank's shard holds its gate and up rows in alternating blocks of
+    ``size`` rows, ``[g_0, u_0, g_1, u_1, ...]`` (what ``TEGroupedMLP._remove_glu_interleaving``
+    undoes on the fc1 output).  Bound to the TP size of the job: after a plain gather the rows
+    are ``[rank 0 shard | rank 1 shard | ...]``, and gate = every rank's gate blocks in order.
+    A plain ``cat(gate, up)`` split of such a tensor would mix gate and up rows silently."""
+
+    def kind(targets: Sequence[str], rows: int, shape: AttentionShape | None = None) -> RowPlan:
+        gate, up = targets
+        if rows % (2 * size * tp):
+            raise ValueError(
+                f"gated fc1 with {rows} rows over {tp} rank(s) does not split into gate/up blocks of "
+                f"moe_mlp_glu_interleave_size={size}"
+            )
+        idx = torch.arange(rows).view(tp, rows // (2 * size * tp), 2, size)
+        return [(gate, idx[:, :, 0].reshape(-1)), (up, idx[:, :, 1].reshape(-1))]
+
+    kind.__name__ = f"glu_interleaved_{size}_tp{tp}"
+    kind.interleave_size = size
+    return kind
+
+
 def qkv_split(targets: Sequence[str], rows: int, shape: AttentionShape | None = None) -> RowPlan:
     """Megatron interleaves QKV per query group: ``[g0: q_0..q_{h/g-1}, k, v][g1: ...]``."""
     q, k, v = targets

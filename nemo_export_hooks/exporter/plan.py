@@ -107,11 +107,40 @@ def moe_placement(cfg, layers: list[LayerRef]) -> list[int]:
     return from_freq
 
 
-def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
+def pair_hybrid_layers(layer_types: list[str], model_type: str) -> list[int]:
+    """HF layer index of every layer of a hybrid stack exported to a transformer arch.
+
+    megatron-core 0.19's ``HybridModel`` (``GPTModel`` is deprecated) writes a transformer as
+    separate attention and MLP/MoE layers: a Qwen3-MoE is ``*E*E...``.  An HF transformer layer
+    is one attention layer followed by its MLP (``-``) or MoE (``E``) layer; layer names inside
+    them are the ``TransformerLayer`` names the GPT form uses.  Anything else (Mamba, a lone
+    attention or MLP layer, other mixers) has no place in the HF model: refused, naming the
+    position."""
+    pattern = "".join(layer_types)
+    fits = [(t == "*") if i % 2 == 0 else (t in ("-", "E")) for i, t in enumerate(layer_types)]
+    if len(layer_types) % 2 or not all(fits):
+        bad = fits.index(False) if not all(fits) else len(layer_types)
+        raise ArchMismatchError(
+            f"arch {model_type!r} is a transformer (attention then MLP/MoE in every layer); the model's "
+            f"hybrid layer pattern {pattern!r} does not pair into '*-' / '*E' layers (layer {bad}"
+            + (f" is {layer_types[bad]!r})" if bad < len(layer_types) else " is missing its MLP/MoE)")
+        )
+    return [i // 2 for i in range(len(layer_types))]
+
+
+def model_info(chunks: list, layers: list[LayerRef], rule: Optional[ArchRule] = None) -> ModelInfo:
     cfg = chunks[0].config
     attrs = model_attrs(chunks)
     moe_layers: list[int]
     layer_types = hybrid_layer_types(chunks)
+    if layer_types is not None and rule is not None and not rule.hybrid_native:
+        # HybridModel as a transformer: HF layer k = Megatron layers 2k (attention), 2k+1 (MLP/MoE)
+        hf_of = pair_hybrid_layers(layer_types, rule.model_type)
+        moe_layers = sorted({hf_of[i] for i, t in enumerate(layer_types) if t == "E"})
+        has_shared = bool(getattr(cfg, "moe_shared_expert_intermediate_size", None))
+        has_bias = bool(getattr(cfg, "moe_router_enable_expert_bias", False))
+        return ModelInfo(cfg, attrs, moe_layers, len(layer_types) // 2, has_shared, has_bias,
+                         layer_types=layer_types, hf_layer_of=hf_of)
     if layer_types is not None:  # MambaModel: MoE exactly where the hybrid pattern says "E"
         moe_layers = [i for i, t in enumerate(layer_types) if t == "E"]
     else:
@@ -123,13 +152,14 @@ def model_info(chunks: list, layers: list[LayerRef]) -> ModelInfo:
 
 def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPlan:
     layers = list(iter_layers(chunks))
-    info = model_info(chunks, layers)
+    info = model_info(chunks, layers, rule)
     if info.moe_layers and not rule.supports_moe:
         raise ArchMismatchError(
             f"arch {rule.model_type!r} has no experts, but the model has MoE layers {info.moe_layers}"
         )
     if rule.check is not None:
         rule.check(info)
+    _check_shared_expert_interleave(info)
     plan = ExportPlan(rule, info, layout, chunks=chunks)
     dense_owner = layout.owns_dense
     for chunk in chunks:
@@ -154,6 +184,19 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
     return plan
 
 
+def _check_shared_expert_interleave(info: ModelInfo) -> None:
+    """megatron-core 0.19 ``moe_shared_expert_glu_interleave_size``: the fused shared-expert
+    path keeps ``mlp.shared_experts.linear_fc1`` rows in gate/up blocks (Megatron-Bridge
+    de-interleaves them when it saves).  Not exported: refused by name, not guessed."""
+    c = info.config
+    size = getattr(c, "moe_shared_expert_glu_interleave_size", None)
+    if size and info.has_shared_experts and c.gated_linear_unit:
+        raise ArchMismatchError(
+            f"mlp.shared_experts.linear_fc1 rows are interleaved in blocks of "
+            f"moe_shared_expert_glu_interleave_size={size}; exporting interleaved shared experts is not supported"
+        )
+
+
 def _check_unmapped(chunks: list) -> None:
     """Nothing is dropped silently: multi-token-prediction layers (HF ignores ``mtp.*``) and
     any other parameter outside the mapped parts are named in a warning.  (Learned absolute
@@ -169,7 +212,8 @@ def _check_unmapped(chunks: list) -> None:
 
 def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
     rule, layout, cfg = plan.rule, plan.layout, plan.info.config
-    prefix = rule.layer_prefix.format(L=ref.index)
+    hf_index = plan.info.hf_layer_of[ref.index] if plan.info.hf_layer_of is not None else ref.index
+    prefix = rule.layer_prefix.format(L=hf_index)
     layer = ref.module
     gated = bool(cfg.gated_linear_unit)
     experts_mod = getattr(getattr(layer, "mlp", None), "experts", None)
@@ -211,19 +255,41 @@ def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
         _plan_experts(plan, ref, experts_mod, prefix, gated)
 
 
+def _glu_interleave(plan: ExportPlan, ref: LayerRef, experts, views, gated: bool) -> Optional[int]:
+    """``moe_mlp_glu_interleave_size`` where it changes the stored row order: only megatron-core's
+    ``TEGroupedMLP`` (per-expert or single grouped weight) applies it, ``SequentialMLP`` experts
+    are plain ``MLP`` modules that never read it (megatron-core 0.19.2 ``moe/experts.py``).
+    Every expert-TP shard's gate and up halves must be whole blocks; refused here otherwise."""
+    size = getattr(plan.info.config, "moe_mlp_glu_interleave_size", None)
+    if not gated or not size or detect_layout(experts) != "te_grouped":
+        return None
+    size = int(size)
+    for v in views:
+        local = int(v.fc1.weight.shape[0])
+        if local % (2 * size):
+            raise ArchMismatchError(
+                f"layer {ref.index} expert {v.global_index} ({v.fc1.name}): {local} fc1 rows on this rank "
+                f"do not split into gate/up blocks of moe_mlp_glu_interleave_size={size}"
+            )
+    return size
+
+
 def _plan_experts(plan: ExportPlan, ref: LayerRef, experts, prefix: str, gated: bool) -> None:
     rule, layout = plan.rule, plan.layout
     names = rule.expert_names
     # EP rank r holds global experts r*n .. r*n+n-1 (errors name the global id too)
     offset = layout.ep.rank * _num_local_experts(experts, detect_layout(experts))
     views = list(iter_experts(experts, ref.index, offset, "mlp.experts"))
+    interleave = _glu_interleave(plan, ref, experts, views, gated)
     for v in views:
         g = offset + v.local_index
         if gated:
             if "gate" not in names:
                 raise ArchMismatchError(f"arch {rule.model_type!r} has non-gated experts; layer {ref.index} experts are gated")
             fc1_targets = (prefix + names["gate"].format(E=g), prefix + names["up"].format(E=g))
-            kind = mk.glu_split
+            # interleaved blocks: a plain gather (each shard keeps its own blocks), then the
+            # TP-aware row selection; otherwise the gate/up-aware gather and a half split
+            kind = mk.glu_interleaved(interleave, layout.etp.size) if interleave else mk.glu_split
         else:
             if "gate" in names:
                 raise ArchMismatchError(f"arch {rule.model_type!r} needs gated experts; layer {ref.index} experts are not gated")

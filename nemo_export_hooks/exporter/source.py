@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 import torch
 
-_MODEL_CLASS_NAMES = {"GPTModel", "MambaModel", "MCoreGPTModel", "MCoreMambaModel"}
+_MODEL_CLASS_NAMES = {"GPTModel", "MambaModel", "HybridModel", "MCoreGPTModel", "MCoreMambaModel"}
 
 
 def _looks_like_mcore_model(m) -> bool:
@@ -78,11 +78,12 @@ def iter_layers(chunks: list[torch.nn.Module]) -> Iterator[LayerRef]:
 def model_attrs(chunks: list[torch.nn.Module]) -> dict:
     """Model-level attributes that ``TransformerConfig`` lacks (vocab, rotary base...)."""
     first = chunks[0]
+    rotary_base, rotary_percent = rotary_attrs(first)
     return {
         "vocab_size": int(getattr(first, "vocab_size")),
         "max_sequence_length": int(getattr(first, "max_sequence_length", 4096)),
-        "rotary_base": float(getattr(first, "rotary_base", 10000)),
-        "rotary_percent": float(getattr(first, "rotary_percent", 1.0)),
+        "rotary_base": rotary_base,
+        "rotary_percent": rotary_percent,
         "position_embedding_type": getattr(first, "position_embedding_type", "rope"),
         "tie_word_embeddings": bool(getattr(first, "share_embeddings_and_output_weights", False)),
         "rope_scaling": bool(getattr(first, "rotary_scaling", False)),
@@ -90,11 +91,38 @@ def model_attrs(chunks: list[torch.nn.Module]) -> dict:
     }
 
 
-def hybrid_layer_types(chunks: list[torch.nn.Module]) -> Optional[list[str]]:
-    """The type of every global layer of a hybrid ``MambaModel`` (``"M"`` Mamba, ``"*"``
-    attention, ``"-"`` MLP, ``"E"`` MoE), or None for a model without a hybrid stack.
+def rotary_attrs(model: torch.nn.Module) -> tuple[float, float]:
+    """``(rotary_base, rotary_percent)`` of a model chunk.
 
-    Read from the model's ``hybrid_override_pattern`` (``"|"`` pipeline separators dropped,
+    ``GPTModel`` keeps both as attributes.  megatron-core 0.19's ``HybridModel`` keeps neither:
+    they are recovered from its ``rotary_pos_emb.inv_freq`` (``base ** -(2k/dim)``, ``dim =
+    kv_channels * rotary_percent``), from the last frequency (the least amplified error), then
+    the nearest integer base (``HybridModel`` takes an int) if it reproduces Megatron's float32
+    frequencies exactly.  A model without rotary embeddings gets Megatron's defaults."""
+    base = getattr(model, "rotary_base", None)
+    if base is not None:
+        return float(base), float(getattr(model, "rotary_percent", 1.0))
+    inv = getattr(getattr(model, "rotary_pos_emb", None), "inv_freq", None)
+    if not isinstance(inv, torch.Tensor) or inv.numel() < 2:
+        return 10000.0, float(getattr(model, "rotary_percent", 1.0))
+    inv = inv.detach().float().cpu()
+    dim = 2 * inv.numel()
+    kv = model.config.kv_channels or model.config.hidden_size // model.config.num_attention_heads
+    est = float(inv[-1].double() ** (-dim / (dim - 2)))
+    for cand in (float(round(est)), est):
+        again = 1.0 / (cand ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        if torch.allclose(again, inv, rtol=1e-6, atol=0.0):
+            return cand, dim / kv
+    return est, dim / kv
+
+
+def hybrid_layer_types(chunks: list[torch.nn.Module]) -> Optional[list[str]]:
+    """The type of every global layer of a hybrid ``MambaModel`` / ``HybridModel`` (``"M"``
+    Mamba, ``"*"`` attention, ``"-"`` MLP, ``"E"`` MoE, ...), or None for a model without a
+    hybrid stack.
+
+    Read from the model's ``hybrid_layer_pattern`` (0.19) or ``hybrid_override_pattern``
+    (``"|"`` pipeline separators dropped,
     anything after ``"/"`` -- multi-token-prediction layers -- ignored), else recomputed from
     its attention/MLP ratios by Megatron's own allocator: a pipeline stage holds only its
     slice in ``decoder.layer_type_list``."""
@@ -103,7 +131,11 @@ def hybrid_layer_types(chunks: list[torch.nn.Module]) -> Optional[list[str]]:
     if dec is None or not hasattr(dec, "layer_type_list"):
         return None
     n = int(first.config.num_layers)
-    pattern = getattr(first, "hybrid_override_pattern", None) or getattr(dec, "hybrid_override_pattern", None)
+    pattern = (
+        getattr(first, "hybrid_layer_pattern", None)  # megatron-core >= 0.19 HybridModel
+        or getattr(first, "hybrid_override_pattern", None)
+        or getattr(dec, "hybrid_override_pattern", None)
+    )
     if pattern:
         types = [c for c in str(pattern).split("/")[0] if c != "|"]
     elif len(chunks) == 1 and len(dec.layer_type_list) == n:
@@ -127,7 +159,8 @@ def mamba_dims(chunks: list[torch.nn.Module]) -> Optional[dict]:
     for chunk in chunks:
         for layer in chunk.decoder.layers:
             m = getattr(layer, "mixer", None)
-            if m is not None and hasattr(m, "A_log") and hasattr(m, "conv1d"):
+            conv_w, conv_b = _mamba_conv(m)
+            if m is not None and hasattr(m, "A_log") and conv_w is not None:
                 norm = getattr(m, "norm", None)
                 return {
                     "nheads": int(m.nheads),
@@ -137,7 +170,7 @@ def mamba_dims(chunks: list[torch.nn.Module]) -> Optional[dict]:
                     "d_inner": int(m.d_inner),
                     "d_conv": int(m.d_conv),
                     "chunk_size": int(getattr(m, "chunk_size", 128)),
-                    "conv_bias": m.conv1d.bias is not None,
+                    "conv_bias": conv_b is not None,
                     "rmsnorm": bool(getattr(m, "rmsnorm", True)),
                     "norm_before_gate": bool(getattr(m, "norm_before_gate", False)),
                     "D_has_hdim": bool(getattr(m, "D_has_hdim", False)),
@@ -152,6 +185,18 @@ def mamba_dims(chunks: list[torch.nn.Module]) -> Optional[dict]:
         "d_inner": nheads * headdim, "d_conv": 4, "chunk_size": 128, "conv_bias": True, "rmsnorm": True,
         "norm_before_gate": False, "D_has_hdim": False, "norm_eps": 1e-5, "from_config": True,
     }
+
+
+def _mamba_conv(mixer) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A Mamba mixer's conv weight and bias: an ``nn.Conv1d`` ``conv1d`` (megatron-core <= 0.18)
+    or the mixer's own ``conv1d_weight`` / ``conv1d_bias`` parameters (0.19)."""
+    if mixer is None:
+        return None, None
+    conv = getattr(mixer, "conv1d", None)
+    if isinstance(conv, torch.nn.Module):
+        return conv.weight, conv.bias
+    w = getattr(mixer, "conv1d_weight", None)
+    return (w, getattr(mixer, "conv1d_bias", None)) if isinstance(w, torch.Tensor) else (None, None)
 
 
 def final_norm(decoder: torch.nn.Module) -> tuple[Optional[torch.nn.Module], str]:

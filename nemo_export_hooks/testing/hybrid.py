@@ -163,8 +163,12 @@ def _local_norm_cls():
 @contextlib.contextmanager
 def _construction_standins() -> Iterator[None]:
     """Patch the module globals listed in the module docstring, and restore them."""
-    from megatron.core.ssm import mamba_block
+    from megatron.core.ssm.mamba_block import MambaStack
     from megatron.core.transformer.moe import moe_layer
+
+    # megatron-core >= 0.19 defines the stack in models/hybrid/hybrid_block.py and re-exports it
+    # from ssm/mamba_block.py: patch the module the class reads its globals from.
+    mamba_block = sys.modules[MambaStack.__module__]
 
     mixer = import_mamba_mixer()
     from megatron.core.ssm import mamba_context_parallel as mcp
@@ -199,8 +203,12 @@ def _construction_standins() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def local_mamba_stack_spec(num_experts: Optional[int]):
-    """``MambaStackSubmodules`` of ``mamba_stack_spec`` with local modules (see module doc)."""
+def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = False):
+    """``MambaStackSubmodules`` of ``mamba_stack_spec`` with local modules (see module doc).
+
+    ``qk_layernorm``: attention layers get local q/k norms (``self_attention.q_layernorm`` /
+    ``k_layernorm``), as ``get_gpt_layer_local_spec`` gives them; megatron-core >= 0.19 refuses
+    ``qk_layernorm=True`` without them instead of falling back to ``TENorm``."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -221,6 +229,7 @@ def local_mamba_stack_spec(num_experts: Optional[int]):
 
     mixer_mod = import_mamba_mixer()
     norm = _local_norm_cls()
+    qk_norms = dict(q_layernorm=norm, k_layernorm=norm) if qk_layernorm else {}
     moe_layer = None
     if num_experts:
         moe_layer = ModuleSpec(
@@ -254,6 +263,7 @@ def local_mamba_stack_spec(num_experts: Optional[int]):
                         linear_qkv=ColumnParallelLinear,
                         core_attention=DotProductAttention,
                         linear_proj=RowParallelLinear,
+                        **qk_norms,
                     ),
                 ),
                 self_attn_bda=get_bias_dropout_add,
@@ -314,7 +324,7 @@ def build_mamba(spec: TinySpec, pattern: str, seed: int = 1234, position_embeddi
 
     apply_cpu_shims()
     cfg = transformer_config(spec, **config_overrides)
-    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None)
+    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm)
     torch.manual_seed(seed)
     with _construction_standins():
         model = MambaModel(
@@ -334,6 +344,65 @@ def build_mamba(spec: TinySpec, pattern: str, seed: int = 1234, position_embeddi
             if name.endswith("expert_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
     return model
+
+
+def build_hybrid(spec: TinySpec, pattern: str, seed: int = 1234, position_embedding_type: str = "rope", **config_overrides):
+    """Build megatron-core 0.19's ``HybridModel`` (the successor of the deprecated ``GPTModel``)
+    with ``hybrid_layer_pattern=pattern`` from the local stack spec, on CPU; a transformer is
+    the pattern ``*E*E...`` / ``*-*-...`` (attention and MLP/MoE as separate layers).  Parallel
+    state must be initialised."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    apply_cpu_shims()
+    # a hybrid stack's num_layers counts its pattern's layers (attention and MoE separately)
+    config_overrides.setdefault("num_layers", len(pattern.split("/")[0].replace("|", "")))
+    cfg = transformer_config(spec, **config_overrides)
+    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm)
+    torch.manual_seed(seed)
+    with _construction_standins():
+        model = HybridModel(
+            config=cfg,
+            hybrid_stack_spec=stack,
+            vocab_size=spec.vocab_size,
+            max_sequence_length=spec.max_seq_len,
+            hybrid_layer_pattern=pattern,
+            share_embeddings_and_output_weights=spec.tie_embeddings,
+            position_embedding_type=position_embedding_type,
+            rotary_base=int(spec.rotary_base),
+        )
+    _randomise_norms_and_biases(model, seed)
+    return model
+
+
+def copy_gpt_into_hybrid(gpt, hybrid) -> None:
+    """Give a ``*E*E`` / ``*-*-`` ``HybridModel`` exactly the weights of a ``GPTModel``: GPT
+    layer k's attention part (``input_layernorm``, ``self_attention.*``) goes to hybrid layer
+    2k, its MLP part (``pre_mlp_layernorm``, ``mlp.*``) to layer 2k+1, ``final_layernorm`` to
+    ``final_norm``.  Every hybrid parameter and buffer must be assigned exactly once."""
+    src = dict(gpt.named_parameters())
+    src.update({n: b for n, b in gpt.named_buffers() if b is not None})
+    dst = dict(hybrid.named_parameters())
+    dst.update({n: b for n, b in hybrid.named_buffers() if b is not None and n.endswith(("expert_bias",))})
+    done = set()
+    with torch.no_grad():
+        for name, t in src.items():
+            if name.startswith("decoder.layers."):
+                k, rest = name[len("decoder.layers."):].split(".", 1)
+                attn = rest.startswith(("input_layernorm.", "self_attention."))
+                target = f"decoder.layers.{2 * int(k) + (0 if attn else 1)}.{rest}"
+            elif name.startswith("decoder.final_layernorm."):
+                target = "decoder.final_norm." + name[len("decoder.final_layernorm."):]
+            else:
+                target = name
+            if target not in dst:
+                if name.endswith(("local_tokens_per_expert",)) or t.dim() == 0:
+                    continue
+                raise KeyError(f"GPT tensor {name} has no place {target} in the hybrid model")
+            dst[target].copy_(t)
+            done.add(target)
+    missing = sorted(set(dst) - done)
+    if missing:
+        raise KeyError(f"hybrid tensors not assigned from the GPT model: {missing}")
 
 
 # ---------------------------------------------------------------------------------------------

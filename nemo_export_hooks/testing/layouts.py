@@ -12,6 +12,15 @@
 * Legacy ``GroupedMLP`` is Megatron-Core's own class; only its CUDA kernel (grouped_gemm's
   ``gmm``) is replaced by a loop of matmuls.
 
+* megatron-core >= 0.19, ``moe_single_grouped_weight`` (TE >= 2.14): TE's ``GroupedLinear``
+  holds one ``weight`` ``[E_local, out, in]`` (a TE ``GroupedTensor``, which forbids indexing and
+  exposes its per-expert views as ``quantized_tensors`` / ``split_into_quantized_tensors()``) and
+  registers ``weight0..N-1`` as ``None``.  :class:`GroupedTensorStandIn` and
+  ``GroupedLinearStandIn(single_grouped_weight=True)`` reproduce exactly that.
+* :func:`to_mcore_te_grouped` builds megatron-core's *own* ``TEGroupedMLP`` (its forward, its
+  ``moe_mlp_glu_interleave_size`` de-interleaving) around the GroupedLinear stand-in, so a
+  layout's row order is checked against Megatron's code, not ours.
+
 Weights are copied from the sequential experts, so the converted model computes the same
 logits as before conversion.
 """
@@ -26,17 +35,72 @@ import torch
 from .cpu import apply_cpu_shims
 
 
-class GroupedLinearStandIn(torch.nn.Module):
-    """CPU stand-in for TE ``GroupedLinear``: same parameter names and shapes."""
+LEGACY_GROUPED_REMOVED = "megatron-core >= 0.17 removed the legacy GroupedMLP (supported on <= 0.16)"
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None):
+
+def have_legacy_grouped() -> bool:
+    """Whether this megatron-core still has the legacy ``GroupedMLP`` (removed in 0.17)."""
+    try:
+        from megatron.core.transformer.moe.experts import GroupedMLP  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class GroupedTensorStandIn(torch.Tensor):
+    """TE ``GroupedTensor`` (unquantized) as a ``single_grouped_weight`` parameter holds it:
+    logical shape ``[num_tensors, *member_shape]``, indexing refused (TE: "GroupedTensor does
+    not support indexing"), the members -- views of the same storage -- in
+    ``quantized_tensors`` and from ``split_into_quantized_tensors()``."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, members: list[torch.Tensor] | None = None):
+        t = torch.Tensor._make_subclass(cls, data, data.requires_grad)
+        t.quantized_tensors = members if members is not None else list(data.detach().unbind(0))
+        return t
+
+    def __getitem__(self, index):
+        raise TypeError("TE GroupedTensor does not support indexing; use its quantized_tensors")
+
+    def split_into_quantized_tensors(self) -> list[torch.Tensor]:
+        return list(self.quantized_tensors)
+
+    def detach(self):  # nn.Parameter(...) detaches: keep the members (TE's tensor does too)
+        return GroupedTensorStandIn(torch.Tensor._make_subclass(torch.Tensor, self).detach(), self.quantized_tensors)
+
+
+class GroupedLinearStandIn(torch.nn.Module):
+    """CPU stand-in for TE ``GroupedLinear``: same parameter names and shapes.
+
+    ``single_grouped_weight`` / ``single_grouped_bias`` (TE >= 2.14): one ``weight``
+    ``[E, out, in]`` / ``bias`` ``[E, out]`` :class:`GroupedTensorStandIn` parameter, and
+    ``weight{i}`` / ``bias{i}`` registered as ``None``, as TE's ``make_grouped_weights`` leaves
+    them."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
+                 single_grouped_weight: bool = False, single_grouped_bias: bool = False):
         super().__init__()
         self.num_gemms = len(weights)
         self.use_bias = biases is not None
-        for i, w in enumerate(weights):
-            self.register_parameter(f"weight{i}", torch.nn.Parameter(w.detach().clone()))
-            if biases is not None:
-                self.register_parameter(f"bias{i}", torch.nn.Parameter(biases[i].detach().clone()))
+        self.single_grouped_weight = single_grouped_weight
+        self.single_grouped_bias = bool(single_grouped_bias and biases is not None)
+        self._register("weight", weights, single_grouped_weight)
+        if biases is not None:
+            self._register("bias", biases, self.single_grouped_bias)
+
+    def _register(self, kind: str, tensors: list[torch.Tensor], single: bool) -> None:
+        if single:
+            stacked = torch.stack([t.detach() for t in tensors]).clone()
+            self.register_parameter(kind, torch.nn.Parameter(GroupedTensorStandIn(stacked)))
+            for i in range(len(tensors)):
+                self.register_parameter(f"{kind}{i}", None)
+        else:
+            for i, t in enumerate(tensors):
+                self.register_parameter(f"{kind}{i}", torch.nn.Parameter(t.detach().clone()))
+
+    def expert_tensor(self, kind: str, i: int) -> torch.Tensor:
+        single = self.single_grouped_weight if kind == "weight" else self.single_grouped_bias
+        return getattr(self, kind).quantized_tensors[i] if single else getattr(self, f"{kind}{i}")
 
     def get_extra_state(self):  # TE stores fp8 metadata here; an empty buffer when unused
         return io.BytesIO()
@@ -47,11 +111,44 @@ class GroupedLinearStandIn(torch.nn.Module):
     def forward(self, x: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
         outs = []
         for i, chunk in enumerate(torch.split(x, m_splits)):
-            y = chunk @ getattr(self, f"weight{i}").t()
+            y = chunk @ self.expert_tensor("weight", i).t()
             if self.use_bias:
-                y = y + getattr(self, f"bias{i}")
+                y = y + self.expert_tensor("bias", i)
             outs.append(y)
-        return torch.cat(outs) if outs else x.new_zeros(0, getattr(self, "weight0").shape[0])
+        return torch.cat(outs) if outs else x.new_zeros(0, self.expert_tensor("weight", 0).shape[0])
+
+
+class TEGroupedLinearStandIn(GroupedLinearStandIn):
+    """Megatron's ``TEGroupedLinear`` wrapper around the stand-in: built by megatron-core's own
+    ``TEGroupedMLP`` (same constructor arguments), returns ``(output, bias)`` like the wrapper
+    (``bias`` only with ``skip_bias_add``: one tensor per expert)."""
+
+    SINGLE_GROUPED_WEIGHT = False
+
+    def __init__(self, num_gemms, input_size, output_size, *, config, init_method=None, bias=False,
+                 skip_bias_add=False, is_expert=True, **_groups_and_names):
+        # _groups_and_names: tp_comm_buffer_name, tp_group (<= 0.16) / pg_collection, name (0.19)
+        single_grouped_weight = self.SINGLE_GROUPED_WEIGHT
+        dtype = config.params_dtype
+        weights = [torch.empty(output_size, input_size, dtype=dtype) for _ in range(num_gemms)]
+        for w in weights:
+            if init_method is not None:
+                init_method(w)
+        biases = [torch.zeros(output_size, dtype=dtype) for _ in range(num_gemms)] if bias else None
+        super().__init__(weights, biases, single_grouped_weight=single_grouped_weight)
+        self.skip_bias_add = skip_bias_add
+
+    def forward(self, x, m_splits):
+        if self.skip_bias_add and self.use_bias:
+            outs = [c @ self.expert_tensor("weight", i).t() for i, c in enumerate(torch.split(x, m_splits))]
+            return torch.cat(outs), [self.expert_tensor("bias", i) for i in range(self.num_gemms)]
+        return super().forward(x, m_splits), None
+
+
+class TEGroupedLinearSingleStandIn(TEGroupedLinearStandIn):
+    """The same with ``moe_single_grouped_weight`` (one grouped ``weight``)."""
+
+    SINGLE_GROUPED_WEIGHT = True
 
 
 class TEGroupedMLPStandIn(torch.nn.Module):
@@ -138,6 +235,49 @@ def _carry_quantizers(expert_linears: list, grouped: torch.nn.Module) -> None:
     grouped.input_quantizer = copy.deepcopy(expert_linears[0].input_quantizer)
 
 
+def interleave_glu_rows(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``cat(gate, up)`` rows (dim 0) -> blocks of ``size``: ``[g0, u0, g1, u1, ...]``, the
+    layout ``TEGroupedMLP`` expects when ``moe_mlp_glu_interleave_size=size`` (checked against
+    its ``_remove_glu_interleaving`` by the forward pass, tests/test_mcore19_layouts.py)."""
+    rows = t.shape[0]
+    return t.reshape(2, rows // (2 * size), size, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def to_mcore_te_grouped(model, single_grouped_weight: bool = False) -> None:
+    """Replace every layer's SequentialMLP experts with megatron-core's real ``TEGroupedMLP``
+    whose ``linear_fc1``/``linear_fc2`` are :class:`TEGroupedLinearStandIn` (per-expert
+    ``weight{i}``, or one single grouped ``weight``), holding the same weights.  With
+    ``config.moe_mlp_glu_interleave_size`` set, fc1 rows are stored interleaved, as a model
+    trained with that option holds them."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    try:  # megatron-core >= 0.19
+        from megatron.core.transformer.moe.experts import GroupedMLPSubmodules
+    except ImportError:  # <= 0.18: TEGroupedMLP takes the dense MLP's submodules
+        from megatron.core.transformer.mlp import MLPSubmodules as GroupedMLPSubmodules
+
+    apply_cpu_shims()
+    builder = TEGroupedLinearSingleStandIn if single_grouped_weight else TEGroupedLinearStandIn
+    for layer in model.decoder.layers:
+        mlp = getattr(layer, "mlp", None)
+        experts = getattr(mlp, "experts", None)
+        if experts is None or not hasattr(experts, "local_experts"):
+            continue
+        cfg = layer.config
+        size = getattr(cfg, "moe_mlp_glu_interleave_size", None) if cfg.gated_linear_unit else None
+        grouped = TEGroupedMLP(
+            len(experts.local_experts), cfg, GroupedMLPSubmodules(linear_fc1=builder, linear_fc2=builder),
+            pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        )
+        with torch.no_grad():
+            for i, e in enumerate(experts.local_experts):
+                w1 = e.linear_fc1.weight
+                grouped.linear_fc1.expert_tensor("weight", i).copy_(interleave_glu_rows(w1, size) if size else w1)
+                grouped.linear_fc2.expert_tensor("weight", i).copy_(e.linear_fc2.weight)
+        mlp.experts = grouped
+
+
 def to_te_grouped(model) -> None:
     """Replace every layer's SequentialMLP experts with the TEGroupedMLP stand-in (same weights)."""
     for layer in model.decoder.layers:
@@ -170,7 +310,10 @@ def _install_grouped_gemm_standin() -> None:
 def to_legacy_grouped(model) -> None:
     """Replace SequentialMLP experts with Megatron-Core's real legacy ``GroupedMLP``,
     copying each expert into its ``weight1``/``weight2`` view."""
-    from megatron.core.transformer.moe.experts import GroupedMLP
+    try:
+        from megatron.core.transformer.moe.experts import GroupedMLP
+    except ImportError:
+        raise ImportError(LEGACY_GROUPED_REMOVED) from None
 
     apply_cpu_shims()
     _install_grouped_gemm_standin()

@@ -82,9 +82,12 @@ class ModelInfo:
     num_layers: int
     has_shared_experts: bool
     has_expert_bias: bool
-    # Hybrid (MambaModel) stacks: the type of every global layer, in Megatron's symbols
-    # ("M" Mamba, "*" attention, "-" MLP, "E" MoE); None for a GPTModel.
+    # Hybrid (MambaModel / HybridModel) stacks: the type of every global layer, in Megatron's
+    # symbols ("M" Mamba, "*" attention, "-" MLP, "E" MoE); None for a GPTModel.
     layer_types: Optional[list[str]] = None
+    # A hybrid stack exported to a transformer arch (one HF layer = attention + MLP/MoE): the HF
+    # layer index of every Megatron global layer ("*E*E" -> [0, 0, 1, 1]); None otherwise.
+    hf_layer_of: Optional[list[int]] = None
 
 
 @dataclass
@@ -103,6 +106,9 @@ class ArchRule:
     check: Optional[Callable[[ModelInfo], None]] = None
     # Names excluded from quantization in HF terms (router, embeddings, lm_head), as patterns.
     quant_exclude: tuple[str, ...] = ("lm_head",)
+    # The HF model is itself a hybrid stack, one HF layer per Megatron layer (nemotron_h).
+    # Otherwise a hybrid Megatron stack must pair into attention + MLP/MoE layers.
+    hybrid_native: bool = False
 
     def entry(self, local_name: str) -> Entry:
         e = self.layer_table.get(local_name)

@@ -30,7 +30,8 @@ its shape, values are copied unchanged:
   part), so after the gather along dim 0 the rows are re-ordered part by part
   (:class:`PerRankParts`); at TP=1 this is the identity.
 * ``conv1d.weight`` ``[conv_dim, 1, d_conv]`` / ``conv1d.bias`` ``[conv_dim]``, rows ``[x | B | C]``,
-  same per-rank re-ordering.
+  same per-rank re-ordering (megatron-core >= 0.19: the mixer's own parameters
+  ``conv1d_weight`` / ``conv1d_bias``, same shapes, no ``nn.Conv1d`` module).
 * ``A_log``, ``D``, ``dt_bias`` ``[nheads]``; ``norm.weight`` ``[d_inner]`` (gated RMSNorm,
   groups of ``d_inner / ngroups``, ``norm_before_gate=False``: ``norm(y * silu(z))`` in both);
   ``out_proj.weight`` ``[hidden, d_inner]``: plain renames, split contiguously by TP.
@@ -151,6 +152,9 @@ LAYER_TABLE = {
     "mixer.in_proj.weight": Entry(IN_PROJ, ("mixer.in_proj.weight",)),
     "mixer.conv1d.weight": Entry(CONV1D, ("mixer.conv1d.weight",)),
     "mixer.conv1d.bias": Entry(CONV1D, ("mixer.conv1d.bias",)),
+    # megatron-core >= 0.19 holds the conv as two parameters of the mixer (same shapes)
+    "mixer.conv1d_weight": Entry(CONV1D, ("mixer.conv1d.weight",)),
+    "mixer.conv1d_bias": Entry(CONV1D, ("mixer.conv1d.bias",)),
     "mixer.A_log": R("mixer.A_log"),
     "mixer.D": R("mixer.D"),
     "mixer.dt_bias": R("mixer.dt_bias"),
@@ -340,6 +344,7 @@ NEMOTRON_H = ArchRule(
     # (mamba_moe_*_aggressive) and not by others (*_conservative): api._quant_summary lists
     # each one that has no quantizer by name, as ModelOpt's own export does.
     quant_exclude=("lm_head", "backbone.embeddings", "*.mixer.gate", "*.mixer.conv1d"),
+    hybrid_native=True,
 )
 
 register(NEMOTRON_H)
