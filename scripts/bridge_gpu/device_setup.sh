@@ -13,7 +13,10 @@ W=${BRIDGE_WHEELS:-$root/.gpu-bridge/p0}
 SITE=${TE_SITE:-/root/site}; S19=${BRIDGE_SITE:-/root/site19}; PY=${PY:-python3}
 log() { echo "bridge_setup: $*"; }
 # 1. TE 2.11 + ModelOpt in /root/site (shared staging); build it here if only its parts came.
-if ! $PY -c "import sys; sys.path.insert(0, '$SITE'); import transformer_engine.pytorch, modelopt.torch.quantization" >/dev/null 2>&1; then
+#    BRIDGE_SETUP_DRYRUN=1 (CPU check of the install step only) skips steps 1 and 3.
+DRY=${BRIDGE_SETUP_DRYRUN:-}
+if [ -n "$DRY" ]; then log "dry run: not checking TE"
+elif ! $PY -c "import sys; sys.path.insert(0, '$SITE'); import transformer_engine.pytorch, modelopt.torch.quantization" >/dev/null 2>&1; then
   if [ -f /root/gpu/device_setup.sh ] && [ -f /root/gpu/te.part.3 ]; then
     log "TE not installed yet: running /root/gpu/device_setup.sh"; bash /root/gpu/device_setup.sh
   else
@@ -27,15 +30,18 @@ if [ -f "$S19/.bridge_installed" ] && [ "$(cat "$S19/.bridge_installed")" = "$wa
 else
   [ -d "$W" ] || { log "$W missing: carry .gpu-bridge/p0 (bash scripts/bridge_gpu/stage.sh here first)"; exit 2; }
   t=$(date +%s); rm -rf "$S19"
-  # --platform: accept the manylinux_2_39 wheel even if this pip's own tag probe disagrees
+  # explicit tags: accept the manylinux_2_39 wheel (nvidia-resiliency-ext) whatever this pip's own probe says
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$S19" \
-    --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_39_x86_64 \
-    "$W"/*.whl 2>&1 | grep -v -E "^WARNING: (Target directory|Running pip)" || true
+    --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+    $(for p in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
+      manylinux_2_24 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1; do echo --platform ${p}_x86_64; done) \
+    --platform any "$W"/*.whl 2>&1 | grep -v -E "^WARNING: (Target directory|Running pip)" || true
   [ -d "$S19/megatron/bridge" ] && [ -d "$S19/megatron/core" ] || { log "pip install into $S19 failed"; exit 1; }
   echo "$want" > "$S19/.bridge_installed"
   log "installed $(ls "$W"/*.whl | wc -l) wheels into $S19 in $(( $(date +%s) - t )) s"
 fi
 # 3. versions, from the path the smoke uses
+[ -n "$DRY" ] && { log "dry run: $(ls "$S19" | wc -l) entries in $S19"; exit 0; }
 PYTHONPATH=$S19:$SITE:$root $PY - <<'PY'
 import importlib.metadata as md, sys
 import megatron.core, transformer_engine, torch, transformers
