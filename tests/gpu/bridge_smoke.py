@@ -229,7 +229,8 @@ def _reload(ckpt: Path, work: Path):
         how = f"provider + _load_model_weights_from_checkpoint (load_megatron_model failed: {type(e).__name__}: {str(e)[:300]})"
         cfg = make_config(work / "unused", False)
         cfg.model.vocab_size = VOCAB
-        cfg.model.finalize()
+        if hasattr(cfg.model, "finalize"):
+            cfg.model.finalize()
         model = cfg.model.provide_distributed_model(wrap_with_ddp=False)
         _load_model_weights_from_checkpoint(str(ckpt), model)
     m = model[0] if isinstance(model, (list, tuple)) else model
