@@ -52,4 +52,10 @@ for d in ("megatron-core", "megatron-bridge", "transformer-engine", "nvidia-mode
     except md.PackageNotFoundError:
         print(f"bridge_setup: {d} MISSING")
 print("bridge_setup: megatron.core from", megatron.core.__file__)
+import time
+t = time.perf_counter()  # fail here, once, rather than in every smoke process
+from megatron.bridge.training.pretrain import pretrain  # noqa: F401
+from megatron.bridge.training.model_load_save import load_megatron_model  # noqa: F401
+from megatron.core.dist_checkpointing.strategies.torch import HAVE_NVRX
+print(f"bridge_setup: megatron.bridge.training.pretrain imports ({time.perf_counter() - t:.1f} s); nvrx async: {HAVE_NVRX}")
 PY

@@ -229,7 +229,8 @@ def _reload(ckpt: Path, work: Path):
         how = f"provider + _load_model_weights_from_checkpoint (load_megatron_model failed: {type(e).__name__}: {str(e)[:300]})"
         cfg = make_config(work / "unused", False)
         cfg.model.vocab_size = VOCAB
-        cfg.model.finalize()
+        if hasattr(cfg.model, "finalize"):
+            cfg.model.finalize()
         model = cfg.model.provide_distributed_model(wrap_with_ddp=False)
         _load_model_weights_from_checkpoint(str(ckpt), model)
     m = model[0] if isinstance(model, (list, tuple)) else model
@@ -342,6 +343,10 @@ def _spawn(name: str, work: Path, out: Path, timeout: float, extra: list[str]) -
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = "timeout"
+        try:  # what the run left behind in its session (an async-save worker) goes with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     res_path = work / f"{name}.json"
     res = json.loads(res_path.read_text()) if res_path.is_file() else {"name": name}
     res.update(rc=rc, process_wall_s=round(time.perf_counter() - t0, 1), log=str(log))
@@ -424,6 +429,11 @@ def driver(args) -> int:
     res["async_fired_late"] = late  # the case the byte check is about: the event came after training moved on
     if "fired" in res.get("ours_async", {}) and not late:
         problems.append("ours_async: on_checkpoint_save never fired after training moved on: the late case was not exercised")
+    checked = {(r["run"], r.get("step")) for r in res.get("check", {}).get("rows", [])}
+    for name in ("ours_sync", "ours_async"):
+        missing = [int(e["step"]) for e in res.get(name, {}).get("exports", []) if (name, int(e["step"])) not in checked]
+        if missing:
+            problems.append(f"check: exports of {name} for iterations {missing} were not checked")
     for row in res.get("check", {}).get("rows", []):
         problems += [f"{row['run']} iter {row.get('step')}: {p}" for p in row.get("problems", [])]
     if "bridge_hf" in res and "saves" in res["bridge_hf"] and not res["bridge_hf"].get("bridge_hf_dirs"):
