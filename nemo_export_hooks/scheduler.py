@@ -458,7 +458,10 @@ class ExportScheduler:
             if cfg.keep_last_k:
                 owned = [p for p in owned if p != str(req.path)] + [str(req.path)]
                 try:
-                    job.removed = [str(p) for p in apply_retention(owned, cfg.keep_last_k)]
+                    # only this lineage's exports, each holding the step it was made for
+                    expect = {e["path"]: {"step": e["step"]} for e in self.exports}
+                    expect[str(req.path)] = {"step": req.step}
+                    job.removed = [str(p) for p in apply_retention(owned, cfg.keep_last_k, run_id=self.run_id, expect=expect)]
                 except Exception as e:
                     log.warning("hf_export: retention (keep_last_k=%s) failed: %s", cfg.keep_last_k, e)
         return job
