@@ -268,6 +268,7 @@ def limit_disk(total: int = 8 << 30):
         d = WORK / f"dd{n}"
         d.mkdir(parents=True)
         per = total // n
+        total = per * n
 
         def one(i):
             fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -283,6 +284,9 @@ def limit_disk(total: int = 8 << 30):
         [t.start() for t in ths]
         [t.join() for t in ths]
         dt = time.perf_counter() - t0
+        written = sum(p.stat().st_size for p in d.iterdir())
+        if written != per * n:  # a writer thread failed (its traceback is above)
+            raise RuntimeError(f"{n} writers wrote {written} of {per * n} bytes")
         out[n] = {"seconds": dt, "gb_per_s": total / 1e9 / dt}
         shutil.rmtree(d)
     best = max(out, key=lambda k: out[k]["gb_per_s"])
