@@ -67,14 +67,31 @@ def test_snapshot_is_a_copy_in_one_reused_buffer(mcore, tmp_path):
             p.add_(1.0)  # the training step after the snapshot
     assert all(torch.equal(t, expected[n]) for n, t in snap)
     res = write_prepared(prepared, snap, tmp_path / "a")
-    assert len(snap) == 0 and not pool.busy  # released once written
+    assert len(snap) == 0 and not pool.in_use()  # released once written
     assert res.num_tensors == len(expected)
     again = prepare_export(model, "qwen3_moe", torch.bfloat16, check_hf_keys=False).host_snapshot()
     assert again.pool is pool  # reused by the next export of the same layout
     busy = prepare_export(model, "qwen3_moe", torch.bfloat16, check_hf_keys=False).host_snapshot()
     assert busy.pool is not pool and busy[0][1].untyped_storage().data_ptr() != buf  # in use: a fresh buffer
     busy.release()
+    kept = dict(again)  # a caller still holding the tensors after release: never overwritten
+    kept_values = {n: t.clone() for n, t in kept.items()}
     again.release()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    third = prepare_export(model, "qwen3_moe", torch.bfloat16, check_hf_keys=False).host_snapshot()
+    assert third.pool is not pool
+    assert all(torch.equal(kept[n], v) for n, v in kept_values.items())
+    assert not all(torch.equal(t, kept_values[n]) for n, t in third)  # the model did change
+    third.release()
+    del kept, third
+    dropped = prepare_export(model, "qwen3_moe", torch.bfloat16, check_hf_keys=False).host_snapshot()
+    assert dropped.pool is pool
+    del dropped  # a snapshot dropped without release (a failed export) frees the pool too
+    fourth = prepare_export(model, "qwen3_moe", torch.bfloat16, check_hf_keys=False).host_snapshot()
+    assert fourth.pool is pool
+    fourth.release()
 
 
 def test_snapshot_layout_mismatch_is_an_error(mcore):
@@ -86,4 +103,4 @@ def test_snapshot_layout_mismatch_is_an_error(mcore):
         snapshot.take(iter(items), layout, on_cuda=False)
     with pytest.raises(RuntimeError, match=f"produced 2 tensors where its plan lists {len(layout)}"):
         snapshot.take(iter(items[:2]), layout, on_cuda=False)
-    assert not snapshot._POOL.busy
+    assert not snapshot._POOL.in_use()

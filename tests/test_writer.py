@@ -222,6 +222,14 @@ def test_missing_tensor_fails_close_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_existing_part_file_is_refused_before_anything_is_left(tmp_path):
+    tensors = {f"t{i}": torch.zeros(10) for i in range(4)}  # 4 x 40 B, 100 B limit: 2 parts
+    (tmp_path / "p-00002.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="p-00002.safetensors already exists"):
+        _writer(tmp_path, 100, tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p-00002.safetensors"]  # part 1's temporary removed
+
+
 def test_empty_writer_writes_nothing(tmp_path):
     w = ShardWriter(tmp_path, 1000, prefix="p", layout=[])
     assert w.close() == {}

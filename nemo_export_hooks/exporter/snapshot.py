@@ -20,9 +20,11 @@ ahead of the GPU.  The snapshot returns after the last copy has completed, so th
 step that follows cannot change what is being copied.  On a CPU model the same path runs
 (no pinning, ``copy_`` is a memcpy): the snapshot never shares the model's storage.
 
-A pool is in use from :func:`take` until :meth:`HostSnapshot.release` (``write_prepared``
-releases the snapshot it wrote).  A snapshot never released keeps its buffer; the next one
-then gets a fresh buffer of its own (slower, never wrong).
+A pool is reused only when no tensor refers to its buffer any more (the storage's use count,
+so a snapshot dropped without :meth:`HostSnapshot.release`, e.g. after a failed export, frees
+it too, and tensors a caller still holds are never overwritten); otherwise the export gets a
+fresh pageable buffer of its own (slower, never wrong).  ``write_prepared`` releases the
+snapshot it wrote.
 """
 
 from __future__ import annotations
@@ -50,15 +52,32 @@ def _nbytes(dtype: torch.dtype, shape) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
+def _uses(buf: torch.Tensor) -> Optional[int]:
+    """How many tensors share ``buf``'s storage (None if this torch cannot tell)."""
+    try:
+        return int(torch._C._storage_Use_Count(buf.untyped_storage()._cdata))
+    except Exception:  # pragma: no cover - private API
+        return None
+
+
 class _Pool:
     """One host buffer, page-locked when ``pinned``; unregistered when replaced."""
 
     def __init__(self, nbytes: int, pin: bool):
         self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.pinned = False
-        self.busy = False
+        self.busy = False  # fallback when the use count is unknown: set by take(), cleared by release()
         if pin:
             self.pinned = _register(self.buf)
+        self._base_uses = _uses(self.buf)
+
+    def in_use(self) -> bool:
+        if self.buf is None:
+            return False
+        uses = _uses(self.buf)
+        if uses is None or self._base_uses is None:
+            return self.busy
+        return uses > self._base_uses
 
     def free(self) -> None:
         if self.pinned:
@@ -98,9 +117,9 @@ def reserve(nbytes: int, pin: bool) -> _Pool:
     global _POOL
     with _LOCK:
         p = _POOL
-        if p is not None and p.busy:
-            log.info("HF export: the host snapshot buffer is still in use; allocating a fresh one for this export")
-            return _Pool(nbytes, pin)
+        if p is not None and p.in_use():
+            log.info("HF export: the host snapshot buffer is still in use; allocating a fresh (pageable) one for this export")
+            return _Pool(nbytes, pin=False)
         if p is not None and p.buf is not None and p.buf.numel() == max(nbytes, 1) and (p.pinned or not pin):
             return p
         if p is not None:
@@ -170,14 +189,17 @@ def take(items: Iterable[tuple[str, torch.Tensor]], layout, on_cuda: bool) -> Ho
                 failure = e
             finally:
                 del t
+                view = None  # no reference to the buffer left in this frame (a traceback keeps it)
         if on_cuda:
             torch.cuda.synchronize()
         if failure is None and i != len(views):
             failure = RuntimeError(f"the export produced {i} tensors where its plan lists {len(views)}")
     except BaseException:
+        views.clear()
         snap.release()
         raise
     if failure is not None:
+        views.clear()
         snap.release()
         raise failure
     snap.extend(views)

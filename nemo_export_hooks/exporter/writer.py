@@ -482,23 +482,23 @@ class ShardWriter:
         self.digests: dict[str, dict] = {}
         self._closed = False
         self._error: Optional[BaseException] = None
+        self._lock = threading.Condition()
+        self._inflight = 0
+        self._max_inflight = max_inflight_bytes
+        self._threads: list[threading.Thread] = []
+        self._queues: list[queue.SimpleQueue] = []
+        self._parts: list[_Part] = []
         entries = [_Entry(*e) for e in _normalize_layout(layout)]
         self._entries = {e.name: e for e in entries}
         total = sum(e.nbytes for e in entries)
         groups = assign_parts([e.nbytes for e in entries], max_shard_bytes, min(writers, total // max(1, min_part_bytes)))
         self.files = [f"{prefix}-{k:05d}.safetensors" for k in range(1, len(groups) + 1)]
-        self._parts: list[_Part] = []
         try:
             for name, idx in zip(self.files, groups):
                 self._parts.append(_Part(directory, name, [entries[i] for i in idx]))
         except BaseException:
             self._abort()
             raise
-        self._lock = threading.Condition()
-        self._inflight = 0
-        self._max_inflight = max_inflight_bytes
-        self._threads: list[threading.Thread] = []
-        self._queues: list[queue.SimpleQueue] = []
         n_threads = min(writers, len(self._parts))
         if n_threads > 1:
             for k in range(n_threads):

@@ -99,10 +99,10 @@ def run_all(ref_root: Path, out_root: Path) -> dict:
     # 1. rank 1 cannot write its shard files (permissions / a full disk on its node)
     chunks = _model(ep2, ref_root)
 
-    def refuse(self):
+    def refuse(self, *args):
         raise PermissionError(f"injected: rank {rank} cannot write into {self.directory}")
 
-    with patched(writer.ShardWriter, "_flush", refuse, when=rank == 1):
+    with patched(writer.ShardWriter, "add", refuse, when=rank == 1):
         outcome = _attempt(lambda: export(chunks, "writer_fails_on_rank1"))
     record("writer_fails_on_rank1", outcome, {"*": "RuntimeError"},
            {"*": ["rank 1", "injected"]}, root / "writer_fails_on_rank1")
