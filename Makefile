@@ -13,7 +13,7 @@ NEXT_TESTS := tests/test_export_core.py tests/test_export_errors.py tests/test_n
 # Third CI job: the exporter on megatron-core 0.19.2 (Python 3.11, see constraints-mcore19.txt).
 VENV_MC19 := .venv-mcore19
 STAMP_MC19 := $(VENV_MC19)/.installed
-MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py
+MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py tests/test_distributed.py
 
 .PHONY: venv demo test test-next bench clean
 .PHONY: test-mcore19
