@@ -16,7 +16,7 @@ STAMP_VLLM := $(VENV_VLLM)/.installed
 # Third CI job: the exporter on megatron-core 0.19.2 (Python 3.11, see constraints-mcore19.txt).
 VENV_MC19 := .venv-mcore19
 STAMP_MC19 := $(VENV_MC19)/.installed
-MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py
+MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py tests/test_quant_export.py tests/test_quant_pack.py tests/test_distributed.py
 
 .PHONY: venv demo test test-next bench clean test-vllm test-mcore19
 
@@ -44,7 +44,7 @@ $(STAMP_MC19): pyproject.toml constraints-mcore19.txt
 	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt "numpy<2.3"
 	# megatron-core 0.19 declares Python >= 3.12 but imports and runs on 3.11 (builds from its sdist)
 	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt --ignore-requires-python megatron-core triton
-	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt --ignore-requires-python -e '.[megatron,hf,lightning]' pytest
+	$(VENV_MC19)/bin/python -m pip install -q -c constraints-mcore19.txt --ignore-requires-python -e '.[megatron,hf,quant,lightning]' pytest
 	touch $(STAMP_MC19)
 
 demo: $(STAMP)
@@ -80,4 +80,4 @@ bench: $(STAMP)
 	$(VPY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) $(VENV_NEXT) $(VENV_VLLM) demo_run bench_out
+	rm -rf $(VENV) $(VENV_NEXT) $(VENV_VLLM) $(VENV_MC19) demo_run bench_out
