@@ -40,6 +40,14 @@ else
   echo "$want" > "$S19/.bridge_installed"
   log "installed $(ls "$W"/*.whl | wc -l) wheels into $S19 in $(( $(date +%s) - t )) s"
 fi
+# Bridge's initialize_megatron() calls megatron.core.datasets.utils.compile_helpers(), which runs
+# `make -C megatron/core/datasets`; the 0.19.2 wheel ships the built helpers_cpp but no Makefile,
+# so make fails and training exits (seen on the H200, 2026-12-01). An empty default target lets
+# the prebuilt module be used.
+mk="$S19/megatron/core/datasets/Makefile"
+if [ -z "$DRY" ] && [ ! -f "$mk" ] && ls "$S19"/megatron/core/datasets/helpers_cpp*.so >/dev/null 2>&1; then
+  printf 'all:\n\t@true\n' > "$mk"; log "wrote an empty $mk (prebuilt helpers_cpp)"
+fi
 # 3. versions, from the path the smoke uses
 [ -n "$DRY" ] && { log "dry run: $(ls "$S19" | wc -l) entries in $S19"; exit 0; }
 PYTHONPATH=$S19:$SITE:$root $PY - <<'PY'
