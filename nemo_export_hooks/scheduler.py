@@ -211,6 +211,12 @@ class ExportScheduler:
                     f"hf_export.expect_quant={cfg.expect_quant!r} but the model's quantizers give {got!r} "
                     "(quantize the model with ModelOpt before training, or change expect_quant)"
                 )
+        if cfg.async_write:
+            # the host pool (page-locked on a GPU: seconds for tens of GB) is paid here, at
+            # setup, not inside the first export's training-thread wait
+            t = time.perf_counter()
+            prepared.reserve_host()
+            log.info("hf_export: reserved the host snapshot pool in %.2f s", time.perf_counter() - t)
         self.model_ok = True
 
     def train_starts_at(self, step: int, resolve_target: Callable[[dict], Path]) -> None:
