@@ -53,6 +53,12 @@ T_START = time.perf_counter()
 DEADLINE_S = 420
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_export_out"))
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/gpu_export_work"))
+# BENCH_PARTS=limits,ours_async,ours_sync,modelopt,NVFP4,FP8 (comma list; default all): rerun a part alone
+PARTS = {p.strip() for p in os.environ.get("BENCH_PARTS", "").split(",") if p.strip()}
+
+
+def wanted(name: str) -> bool:
+    return not PARTS or name in PARTS
 RESULTS: dict = {"parts": {}, "errors": {}, "skipped": []}
 STUBBED: list[str] = []
 
@@ -526,22 +532,28 @@ def main() -> int:
     G.init_mcore_gpu()
     RESULTS["device"] = torch.cuda.get_device_name(0)
     spec = spec_of(12)
-    t0 = time.perf_counter()
-    model = build(spec, grouped=True, torch=torch)
-    torch.cuda.synchronize()
-    RESULTS["build_s"] = time.perf_counter() - t0
-    RESULTS["params"] = sum(p.numel() for p in model.parameters())
-    RESULTS["experts"] = G.experts_type(model)
-    print(f"[gpu_export] model: {RESULTS['params'] / 1e9:.2f} B params, {RESULTS['experts']}, built in {RESULTS['build_s']:.1f} s", flush=True)
-    limit_pinned_d2h(model, torch)
-    limit_disk()
-    ours_async(model, torch)
-    ours_sync(model, torch)
-    modelopt_bf16(model, spec, torch)
-    del model
-    torch.cuda.empty_cache()
+    if any(wanted(p) for p in ("limits", "ours_async", "ours_sync", "modelopt")):
+        t0 = time.perf_counter()
+        model = build(spec, grouped=True, torch=torch)
+        torch.cuda.synchronize()
+        RESULTS["build_s"] = time.perf_counter() - t0
+        RESULTS["params"] = sum(p.numel() for p in model.parameters())
+        RESULTS["experts"] = G.experts_type(model)
+        print(f"[gpu_export] model: {RESULTS['params'] / 1e9:.2f} B params, {RESULTS['experts']}, built in {RESULTS['build_s']:.1f} s", flush=True)
+        if wanted("limits"):
+            limit_pinned_d2h(model, torch)
+            limit_disk()
+        if wanted("ours_async"):
+            ours_async(model, torch)
+        if wanted("ours_sync"):
+            ours_sync(model, torch)
+        if wanted("modelopt"):
+            modelopt_bf16(model, spec, torch)
+        del model
+        torch.cuda.empty_cache()
     for fmt in ("NVFP4", "FP8"):
-        part(f"quant_{fmt}")(quant)(fmt, torch)
+        if wanted(fmt):
+            part(f"quant_{fmt}")(quant)(fmt, torch)
     print(write_report(), flush=True)
     shutil.rmtree(WORK, ignore_errors=True)
     return 0 if not RESULTS["errors"] else 1
