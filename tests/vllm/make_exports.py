@@ -7,7 +7,8 @@ the interface: ``OUT/cases.json`` and, per case, ``OUT/<case>/hf`` (the export) 
 ``OUT/<case>/megatron.safetensors`` (``tokens`` [B, S], ``logprobs`` [B, S, V] fp32).
 
 Shapes fit vLLM's CPU build: its attention supports head_dim 32, 64, 80, ... (not 16), and its
-Qwen2 uses hidden_size / num_attention_heads as head_dim, so kv_channels is exactly that.
+Qwen2 uses hidden_size / num_attention_heads as head_dim, so kv_channels is exactly that; its MLA
+backends support only a latent of kv_lora_rank + qk_pos_emb_head_dim = 576 (DeepSeek's 512 + 64).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _specs():
 
     dense = dict(HEADS, num_experts=None, moe_ffn_hidden_size=None, extra=BIG)
     moe = dict(HEADS, num_experts=4, moe_router_topk=2, extra=BIG)
-    mla = dict(q_lora_rank=48, kv_lora_rank=32, qk_head_dim=32, qk_pos_emb_head_dim=32, v_head_dim=32,
+    mla = dict(q_lora_rank=48, kv_lora_rank=512, qk_head_dim=32, qk_pos_emb_head_dim=64, v_head_dim=32,
                rope_type="rope", rotary_base=10000.0)
     ds = dict(HEADS, num_layers=3, moe_layer_freq=[0, 1, 1], num_query_groups=4, num_experts=8, moe_router_topk=4,
               moe_router_num_groups=4, moe_router_group_topk=2, moe_router_score_function="sigmoid",
