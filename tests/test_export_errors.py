@@ -230,3 +230,13 @@ def test_manifest_disk_full_names_the_file(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(OSError, match=rf"cannot write {tmp_path / P.MANIFEST_NAME}: No space left on device"):
         P.write_manifest(tmp_path, {"step": 1})
+
+
+def test_qwen2_head_dim_must_be_derivable(mcore, tmp_path):
+    """vLLM's Qwen2 computes head_dim as hidden_size / heads and ignores config.json's: a
+    qwen2 export whose kv_channels differ would load and compute something else there."""
+    model = build_gpt(TinySpec(num_experts=None, qk_layernorm=False, add_qkv_bias=True, kv_channels=32))
+    with pytest.raises(ArchMismatchError, match=r"hidden_size / num_attention_heads = 16 .*kv_channels=32"):
+        export_to_hf(model, tmp_path / "out", arch="qwen2")
+    _nothing_written(tmp_path)
+    export_to_hf(build_gpt(TinySpec(num_experts=None, qk_layernorm=False, add_qkv_bias=True)), tmp_path / "ok", arch="qwen2")

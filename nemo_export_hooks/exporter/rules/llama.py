@@ -14,6 +14,15 @@ def _dense_check(model_type: str, qk_norm: bool, qkv_bias: bool):
             bool(c.add_qkv_bias) == qkv_bias,
             f"{model_type} {'needs' if qkv_bias else 'has no'} QKV bias; the model has add_qkv_bias={c.add_qkv_bias}",
         )
+        if model_type == "qwen2":
+            # vLLM's Qwen2 ignores config.json's head_dim and uses hidden_size / heads, where
+            # transformers honours head_dim: such an export would compute something else in vLLM.
+            derived = c.hidden_size // c.num_attention_heads
+            require(
+                c.kv_channels is None or c.kv_channels == derived,
+                f"qwen2 derives head_dim from hidden_size / num_attention_heads = {derived} (vLLM ignores config.json's "
+                f"head_dim), but the model has kv_channels={c.kv_channels}; export it as qwen3 or use kv_channels={derived}",
+            )
 
     return check
 
