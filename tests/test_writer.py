@@ -389,3 +389,27 @@ def test_transformers_loads_finalized_shards(tmp_path):
     files, meta = get_checkpoint_shard_files(str(tmp_path), str(tmp_path / INDEX_NAME))
     assert [p.split("/")[-1] for p in files] == ["model-00001-of-00001.safetensors"]
     assert set(meta["all_checkpoint_keys"]) == set(tensors)
+
+
+def test_out_of_order_read_back_uses_large_reads(tmp_path, monkeypatch):
+    """Two 4-byte scales sorted first in their part, written after the 8 MB weight behind
+    them: the writer hashes the scale and the weight from the page cache in few large reads,
+    not 4 bytes a call (the read-back buffer was once sized by the first entry it read:
+    5.6 M reads, 44 s for a 3.7 GB FP8 export on the H200)."""
+    import hashlib
+
+    import nemo_export_hooks.exporter.writer as W
+
+    calls = []
+    real = W._pread_into
+    monkeypatch.setattr(W, "_pread_into", lambda fd, view, off: calls.append(len(view)) or real(fd, view, off))
+    tensors = {"a.input_scale": torch.tensor(0.25), "a.weight_scale": torch.tensor(0.5),
+               "b.weight": torch.randn(2048, 2048).to(torch.bfloat16)}
+    w = _writer(tmp_path, 1 << 30, tensors, writers=1)
+    for name in ("b.weight", "a.weight_scale", "a.input_scale"):  # reverse of the part's order
+        w.add(name, tensors[name])
+    (part,) = sorted(set(w.close().values()))
+    assert 0 < len(calls) <= 4 and max(calls) >= 4 << 20, (len(calls), calls[:5])
+    got = load_file(str(tmp_path / part))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert known_digest(tmp_path / part) == hashlib.sha256((tmp_path / part).read_bytes()).hexdigest()
