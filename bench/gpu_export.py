@@ -419,10 +419,10 @@ def quant(fmt: str, torch):
     import warnings
 
     import gpu_common as G
+
+    export = import_modelopt_export()  # first: importing mtq alone would import the exporter without its stand-ins
     import modelopt.torch.quantization as mtq
 
-
-    export = import_modelopt_export()
     cfg = {"NVFP4": mtq.NVFP4_DEFAULT_CFG, "FP8": mtq.FP8_DEFAULT_CFG}[fmt]
     spec = spec_of(4)
     grouped = build(spec, grouped=True, torch=torch)
