@@ -43,3 +43,14 @@ def hf_logits(model, tokens):
 def tokens_for(vocab: int, batch: int = 2, seq: int = 12, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def read_export(path):
+    """Every tensor of the ``*.safetensors`` files in ``path`` (name -> tensor)."""
+    from safetensors import safe_open
+
+    out = {}
+    for fn in sorted(path.glob("*.safetensors")):
+        with safe_open(str(fn), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import hf_logits, load_hf, tokens_for
+from conftest import hf_logits, load_hf, read_export, tokens_for
 from nemo_export_hooks import export_to_hf
 from nemo_export_hooks.testing.cpu import TinySpec, build_gpt, megatron_logits
 from nemo_export_hooks.testing.layouts import LEGACY_GROUPED_REMOVED, have_legacy_grouped, to_legacy_grouped, to_te_grouped
@@ -61,17 +61,9 @@ def test_grouped_exports_equal_sequential_export_bytes(mcore, tmp_path, layout):
     export_to_hf(m, tmp_path / "seq", arch="qwen3_moe", dtype=torch.bfloat16)
     LAYOUTS[layout](m)
     export_to_hf(m, tmp_path / "grp", arch="qwen3_moe", dtype=torch.bfloat16)
-    a, b = _read_all(tmp_path / "seq"), _read_all(tmp_path / "grp")
+    a, b = read_export(tmp_path / "seq"), read_export(tmp_path / "grp")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _read_all(path):
-    out = {}
-    for fn in sorted(path.glob("*.safetensors")):
-        with safe_open(str(fn), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.mark.parametrize("layout", LAYOUT_PARAMS)
@@ -79,7 +71,7 @@ def test_qwen3_moe_every_expert_layout(mcore, tmp_path, layout):
     spec = TinySpec()
     m = build_gpt(spec)
     res, hf = roundtrip(m, "qwen3_moe", tmp_path / "hf", spec, layout=layout)
-    written = _read_all(tmp_path / "hf")
+    written = read_export(tmp_path / "hf")
     assert res.num_tensors == len(written) == 45
     assert res.path == tmp_path / "hf"
     assert res.total_bytes == sum(t.numel() * 4 for t in written.values())

@@ -20,9 +20,8 @@ import re
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import hf_logits, load_hf, tokens_for
+from conftest import hf_logits, load_hf, read_export, tokens_for
 from nemo_export_hooks import export_to_hf
 from nemo_export_hooks.exporter import mappings as mk
 from nemo_export_hooks.exporter.experts import ExpertLayoutError
@@ -53,16 +52,8 @@ needs_interleave = pytest.mark.skipif(
 needs_hybrid = pytest.mark.skipif(not _have_hybrid_model(), reason="HybridModel is new in megatron-core 0.18")
 
 
-def _read_all(path):
-    out = {}
-    for fn in sorted(path.glob("*.safetensors")):
-        with safe_open(str(fn), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def _same_export(a, b):
-    ta, tb = _read_all(a), _read_all(b)
+    ta, tb = read_export(a), read_export(b)
     assert ta.keys() == tb.keys()
     assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
