@@ -101,6 +101,7 @@ class TinySpec:
     normalization: str = "RMSNorm"
     layernorm_epsilon: float = 1e-6
     rotary_base: float = 1_000_000.0
+    rotary_percent: float = 1.0
     tie_embeddings: bool = False
     multi_latent_attention: bool = False
     mla: dict = field(default_factory=dict)
@@ -214,6 +215,7 @@ def build_gpt(spec: TinySpec | None = None, seed: int = 1234, pre_process=True, 
         share_embeddings_and_output_weights=spec.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=spec.rotary_base,
+        rotary_percent=spec.rotary_percent,
         **kwargs,
     )
     _randomise_norms_and_biases(model, seed)
