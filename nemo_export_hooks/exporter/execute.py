@@ -78,6 +78,8 @@ def convert(job: Job, full: torch.Tensor, spec, dtype: torch.dtype, shape) -> It
         for target, part in mk.apply_plan_to_packed(packed, plan, rows):
             base = target[: -len(".weight")]
             for suffix, t in part.items():
+                if job.transform is not None and t.dim() >= 1:  # a packed-safe one (planning checked)
+                    t = job.transform(t)
                 yield f"{base}.{suffix}", t.contiguous()
         return
     out_dtype = torch.float32 if job.keep_fp32 else dtype

@@ -127,7 +127,9 @@ class ValueTransform:
     quantized weight that needs it, before anything is written.  ``shape`` maps the
     row-selected shape to the written one (a transpose or a stack changes it);
     ``when(info)`` says whether the transform applies to a given model at all (a
-    zero-centred norm only when the model stores its norms zero-centred)."""
+    zero-centred norm only when the model stores its norms zero-centred).  A ``packed=True``
+    transform is applied to every non-scalar tensor of a packed weight (the codes and the
+    row-wise block scales) and must keep their shapes (a row permutation, say)."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
