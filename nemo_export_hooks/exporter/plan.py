@@ -258,6 +258,8 @@ def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
         if glu and not gated:
             raise ArchMismatchError(f"layer {ref.index}: `{name}` is not gated but arch {rule.model_type!r} expects gate/up")
         tp_dim = _tp_dim(tensor)
+        if tp_dim is None and entry.tp_split is not None and layout.tp.size > 1:
+            tp_dim = entry.tp_split
         kind = entry.kind
         bind = getattr(kind, "bind_tp", None)
         if bind is not None:

@@ -30,9 +30,12 @@ class Entry:
     kind: mk.MappingKind
     targets: tuple[str, ...]
     transform: Optional[mk.ValueTransform] = None
+    # Split across tensor parallelism along this dim although Megatron does not mark the
+    # parameter ``tensor_model_parallel`` (attention sinks: one value per local head)
+    tp_split: Optional[int] = None
 
     def then(self, transform: mk.ValueTransform) -> "Entry":
-        return Entry(self.kind, self.targets, transform)
+        return Entry(self.kind, self.targets, transform, self.tp_split)
 
 
 def R(*targets: str) -> Entry:
