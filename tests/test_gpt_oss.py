@@ -109,3 +109,37 @@ def test_gpt_oss_refuses(mcore, tmp_path, extra, kw, match):
 
 def test_registered():
     assert get_rule("gpt_oss").architecture == "GptOssForCausalLM"
+
+
+@pytest.mark.dist
+def test_gpt_oss_ep2_and_tp2_match_single_rank(mcore, tmp_path):
+    """Stacked experts over EP=2 (rank 0 assembles each layer) and sinks over TP=2: the same
+    bytes as the world-size-1 export (tests/dist/run_gpt_oss.py under torchrun, gloo)."""
+    import sys
+    from pathlib import Path
+
+    from nemo_export_hooks.testing.cpu import init_single_process
+
+    sys.path.insert(0, str(Path(__file__).parent / "dist"))
+    import dist_common as C
+    from test_distributed import torchrun
+
+    init_single_process()
+    spec = oss_spec()
+    m = build(spec)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    C.save_reference_state(m, ref / "megatron.safetensors")
+    export_to_hf(m, ref / "hf", arch="gpt_oss", dtype=torch.float32)
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, log = torchrun(2, ["--ref", str(ref), "--out", str(out)], out / "torchrun.log", program="run_gpt_oss.py")
+    assert rc == 0, log[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    for name in ("ep2", "tp2"):
+        assert res[name]["diff"] == [] and res[name]["same_config"], (name, res[name])
+        assert res[name]["n"] == 3 + 3 * 17  # embedding, final norm, lm_head + 17 per layer
+    # EP=2: rank 0 owns every layer's stacks, each assembled from its own 2 local experts
+    stacks = res["ep2"]["rank0_stacks"]
+    assert len(stacks) == 3 * 4 and all(owner for _, owner, _ in stacks)
+    assert all(shape[0] == 2 for _, _, shape in stacks)
