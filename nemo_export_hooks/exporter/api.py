@@ -236,7 +236,8 @@ def _planned_shapes(plan: ExportPlan) -> list[tuple[str, tuple]]:
             out.extend((t, ()) for t in j.targets)
             continue
         for target, rows in j.kind(j.targets, full[0], att):
-            out.append((target, (full[0] if rows is None else int(rows.numel()), *full[1:])))
+            shape = (full[0] if rows is None else int(rows.numel()), *full[1:])
+            out.append((target, tuple(j.transform.shape(shape)) if j.transform is not None else shape))
     return out
 
 

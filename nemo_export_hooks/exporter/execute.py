@@ -52,7 +52,7 @@ def run_jobs(plan: ExportPlan, dtype: torch.dtype) -> Iterator[tuple[str, torch.
     failure: Optional[Exception] = None
     for job in plan.jobs:
         spec = _quant_spec(job, plan) if job.is_weight else None
-        full = gather_to_owner(job.tensor, job.tp_dim, job.group, glu=job.glu)
+        full = gather_to_owner(job.local_tensor(), job.tp_dim, job.group, glu=job.glu)
         if full is None or not job.owner or failure is not None:
             continue
         # A conversion error on the owner must not leave its group's peers waiting in the
@@ -78,11 +78,15 @@ def convert(job: Job, full: torch.Tensor, spec, dtype: torch.dtype, shape) -> It
         for target, part in mk.apply_plan_to_packed(packed, plan, rows):
             base = target[: -len(".weight")]
             for suffix, t in part.items():
+                if job.transform is not None and t.dim() >= 1:  # a packed-safe one (planning checked)
+                    t = job.transform(t)
                 yield f"{base}.{suffix}", t.contiguous()
         return
     out_dtype = torch.float32 if job.keep_fp32 else dtype
     for target, idx in plan:
         t = mk.apply_rows(full, idx)
+        if job.transform is not None:  # planning refused it for quantized weights
+            t = job.transform(t)
         yield target, (t if t.dtype == out_dtype else t.to(out_dtype)).contiguous()
 
 
@@ -130,5 +134,6 @@ def describe(plan: ExportPlan, dtype: torch.dtype) -> list[tuple[str, torch.dtyp
         out_dtype = torch.float32 if job.keep_fp32 else dtype
         for target, idx in row_plan:
             n = rows if idx is None else idx.numel()
-            out.append((target, out_dtype, tuple([n, *full[1:]])))
+            s = tuple([n, *full[1:]])
+            out.append((target, out_dtype, tuple(job.transform.shape(s)) if job.transform is not None else s))
     return out

@@ -1,16 +1,21 @@
 """Mapping kinds: how one Megatron tensor becomes one or more Hugging Face tensors.
 
-Every kind we need only *selects rows* (output features) of a full, TP-gathered Megatron
+The default, and almost every mapping, only *selects rows* (output features) of a full, TP-gathered Megatron
 tensor: QKV de-interleaving, gate/up splitting, renaming.  Expressing them as row selections
 lets the same mapping apply unchanged to a plain weight, a bias, and a packed quantized
 weight with its per-row block scales (``weight``/``weight_scale`` are split by rows, scalar
 scales are shared).  All functions are pure.
+
+Two escape hatches for what is not a row selection (end of this module): a
+:class:`ValueTransform` applied to a mapping's outputs (a zero-centred norm's ``+ 1``, a
+transpose), which quantized exports refuse at planning unless it says it applies to packed
+data; and an :class:`ExpertStack`, all of a layer's experts in one HF tensor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -110,3 +115,61 @@ def apply_plan_to_packed(packed: dict[str, torch.Tensor], plan: RowPlan, total_r
                 part[suffix] = t
         out.append((target, part))
     return out
+
+
+# -- the escape hatch: value transforms and stacked experts ---------------------------------
+@dataclass(frozen=True)
+class ValueTransform:
+    """A function of the values of one HF tensor, applied after the row selection.
+
+    Row selections commute with quantization (rows of a packed weight are rows of its block
+    scales), value transforms in general do not: ``packed=False`` makes planning refuse a
+    quantized weight that needs it, before anything is written.  ``shape`` maps the
+    row-selected shape to the written one (a transpose or a stack changes it);
+    ``when(info)`` says whether the transform applies to a given model at all (a
+    zero-centred norm only when the model stores its norms zero-centred).  A ``packed=True``
+    transform is applied to every non-scalar tensor of a packed weight (the codes and the
+    row-wise block scales) and must keep their shapes (a row permutation, say)."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    shape: Callable[[tuple], tuple] = tuple
+    packed: bool = False
+    when: Callable[..., bool] = lambda info: True
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(t)
+
+
+def _zero_centred(info) -> bool:
+    return bool(getattr(info.config, "layernorm_zero_centered_gamma", False))
+
+
+# Megatron ``layernorm_zero_centered_gamma``: the norm stores ``gamma - 1`` and applies
+# ``(1 + w) * x_hat``; an HF norm of the plain form needs ``w + 1`` (in float32, then cast).
+ZERO_CENTRED_NORM = ValueTransform("zero-centred norm weight + 1", lambda t: (t.float() + 1).to(t.dtype), when=_zero_centred)
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """All of a layer's routed experts in one HF tensor (gpt-oss ``mlp.experts.gate_up_proj``
+    ``[E, H, 2F]``): the planner makes one job per layer and projection whose local tensor is
+    this rank's experts stacked on a new dim 0, gathered over the expert-parallel group to its
+    rank 0 (the layer's one owner, holding one layer's experts at a time); ``transform`` turns
+    the gathered ``[E, rows, cols]`` (``[E, rows]`` for a bias) into the HF layout."""
+
+    target: str  # HF name relative to the layer prefix
+    transform: Optional[ValueTransform] = None
+    bias_target: Optional[str] = None  # where the expert linear's bias goes, if it has one
+    bias_transform: Optional[ValueTransform] = None
+
+
+def interleave_halves(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[gate; up]`` along ``dim`` -> ``[g_0, u_0, g_1, u_1, ...]`` (gpt-oss stores its fused
+    gate/up columns interleaved, ``gate = x[..., ::2]``, ``up = x[..., 1::2]``)."""
+    dim = dim % t.dim()
+    n = t.shape[dim]
+    if n % 2:
+        raise ValueError(f"cannot interleave gate/up halves of an odd dimension ({n})")
+    gate, up = t.split(n // 2, dim=dim)
+    return torch.stack((gate, up), dim=dim + 1).flatten(dim, dim + 1)

@@ -42,10 +42,21 @@ class Job:
     quant_module: Optional[torch.nn.Module] = None
     quant_index: Optional[int] = None
     keep_fp32: bool = False
+    transform: Optional[mk.ValueTransform] = None  # applied to each HF output (unquantized only)
+    # An expert stack: this rank's experts of one layer, stacked on a new dim 0 only when the
+    # job runs (``tensor`` is then a meta tensor of the stacked shape, for planning)
+    parts: Optional[list] = None
 
     @property
     def is_weight(self) -> bool:
         return self.targets[0].endswith(".weight")
+
+    def local_tensor(self) -> torch.Tensor:
+        """The tensor this rank contributes (an expert stack is assembled here, one layer's
+        local experts at a time)."""
+        if self.parts is None:
+            return self.tensor
+        return torch.stack([p.detach() for p in self.parts])
 
 
 @dataclass
@@ -174,7 +185,8 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
             continue
         fl, fl_name = final_norm(chunk.decoder)
         if fl is not None:
-            plan.jobs.append(Job(f"{fl_name}.weight", (rule.final_norm,), mk.rename, fl.weight, None, layout.tp, False, dense_owner))
+            plan.jobs.append(Job(f"{fl_name}.weight", (rule.final_norm,), mk.rename, fl.weight, None, layout.tp, False, dense_owner,
+                                 transform=_applies(rule.final_norm_transform, info)))
             if getattr(fl, "bias", None) is not None:
                 plan.jobs.append(Job(f"{fl_name}.bias", (rule.final_norm_bias,), mk.rename, fl.bias, None, layout.tp, False, dense_owner))
         out = getattr(chunk, "output_layer", None)
@@ -182,6 +194,21 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
             w = out.weight
             plan.jobs.append(Job("output_layer.weight", (rule.output,), mk.rename, w, _tp_dim(w), layout.tp, False, dense_owner))
     return plan
+
+
+def _applies(transform: Optional[mk.ValueTransform], info: ModelInfo) -> Optional[mk.ValueTransform]:
+    return transform if transform is not None and transform.when(info) else None
+
+
+def _check_transform(job: Job) -> None:
+    """A quantized weight is written packed: a value transform that cannot apply to packed
+    data is refused here, before anything is written."""
+    t = job.transform
+    if t is not None and job.quant_module is not None and not t.packed and _has_quantizer(job.quant_module):
+        raise ArchMismatchError(
+            f"{job.source}: the export applies `{t.name}` to this tensor, which cannot be applied to "
+            "its quantized (packed) form; export it unquantized (exclude it from quantization)"
+        )
 
 
 def _check_shared_expert_interleave(info: ModelInfo) -> None:
@@ -231,6 +258,8 @@ def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
         if glu and not gated:
             raise ArchMismatchError(f"layer {ref.index}: `{name}` is not gated but arch {rule.model_type!r} expects gate/up")
         tp_dim = _tp_dim(tensor)
+        if tp_dim is None and entry.tp_split is not None and layout.tp.size > 1:
+            tp_dim = entry.tp_split
         kind = entry.kind
         bind = getattr(kind, "bind_tp", None)
         if bind is not None:
@@ -249,10 +278,15 @@ def _plan_layer(plan: ExportPlan, ref: LayerRef) -> None:
                 layout.owns_dense,
                 quant_module=quant_mod,
                 keep_fp32=name.endswith("expert_bias"),
+                transform=_applies(entry.transform, plan.info),
             )
         )
+        _check_transform(plan.jobs[-1])
     if experts_mod is not None:
-        _plan_experts(plan, ref, experts_mod, prefix, gated)
+        if rule.expert_stack:
+            _plan_expert_stack(plan, ref, experts_mod, prefix, gated)
+        else:
+            _plan_experts(plan, ref, experts_mod, prefix, gated)
 
 
 def _glu_interleave(plan: ExportPlan, ref: LayerRef, experts, views, gated: bool) -> Optional[int]:
@@ -308,6 +342,52 @@ def _plan_experts(plan: ExportPlan, ref: LayerRef, experts, prefix: str, gated: 
                 btargets = tuple(t[: -len("weight")] + "bias" for t in targets)
                 bdim = 0 if lin.tp_dim == 0 and layout.etp.size > 1 else None
                 plan.jobs.append(Job(where + " bias", btargets, k, bias, bdim, layout.etp, k is mk.glu_split, layout.owns_experts))
+
+
+def _plan_expert_stack(plan: ExportPlan, ref: LayerRef, experts, prefix: str, gated: bool) -> None:
+    """One job per projection (and bias) of the layer: the local experts stacked on dim 0,
+    gathered over the expert-parallel group to its rank 0, which alone writes the layer's
+    HF tensor (so no rank holds more than one layer's experts at a time)."""
+    rule, layout = plan.rule, plan.layout
+    where0 = f"layer {ref.index} experts"
+    if layout.etp.size > 1:
+        raise ArchMismatchError(
+            f"{where0}: arch {rule.model_type!r} stores all experts of a layer in one tensor; exporting it "
+            f"with expert tensor parallelism ({layout.etp.size} ranks) is not supported"
+        )
+    offset = layout.ep.rank * _num_local_experts(experts, detect_layout(experts))
+    views = list(iter_experts(experts, ref.index, offset, "mlp.experts"))
+    if _glu_interleave(plan, ref, experts, views, gated):
+        raise ArchMismatchError(f"{where0}: moe_mlp_glu_interleave_size is not supported with stacked experts")
+    owner = layout.owns_experts and layout.ep.rank == 0
+    for proj in ("fc1", "fc2"):
+        stack = rule.expert_stack.get(proj)
+        if stack is None:
+            raise ArchMismatchError(f"arch {rule.model_type!r} has no stacked-expert place for {proj}")
+        lins = [getattr(v, proj) for v in views]
+        quantized = [lin.name for lin in lins if _has_quantizer(lin.module)]
+        if quantized:
+            raise ArchMismatchError(
+                f"{where0}: arch {rule.model_type!r} stacks experts into one tensor, which the quantized "
+                f"export does not pack; {quantized[0]} is quantized (exclude the experts from quantization)"
+            )
+        weights = [lin.weight for lin in lins]
+        _stack_job(plan, f"{where0} {proj}", prefix + stack.target, weights, stack.transform, owner)
+        biases = [_expert_bias(lin, f"layer {ref.index} expert {offset + v.local_index} ({lin.name})") for v, lin in zip(views, lins)]
+        if any(b is not None for b in biases):
+            if stack.bias_target is None or any(b is None for b in biases):
+                raise ArchMismatchError(f"{where0}: {proj} has biases, which arch {rule.model_type!r} has no place for")
+            _stack_job(plan, f"{where0} {proj} bias", prefix + stack.bias_target, biases, stack.bias_transform, owner)
+
+
+def _stack_job(plan: ExportPlan, where: str, target: str, parts: list, transform, owner: bool) -> None:
+    shapes = {tuple(p.shape) for p in parts}
+    if len(shapes) != 1:
+        raise ArchMismatchError(f"{where}: experts have different shapes {sorted(shapes)}; they cannot be stacked")
+    meta = torch.empty((len(parts), *shapes.pop()), dtype=parts[0].dtype, device="meta")
+    ep = plan.layout.ep
+    plan.jobs.append(Job(where, (target,), mk.rename, meta, 0 if ep.size > 1 else None, ep, False, owner,
+                         transform=transform, parts=parts))
 
 
 def _expert_bias(lin, where: str) -> Optional[torch.Tensor]:

@@ -32,6 +32,19 @@ def apply_cpu_shims() -> None:
             moe_utils.te_general_gemm = None  # router falls back to torch matmul
     except ImportError:  # pragma: no cover - megatron-core missing
         pass
+    try:
+        # megatron-core 0.15's torch softmax path builds the sliding-window mask with a literal
+        # device="cuda" (transformer/utils.py get_sliding_window_causal_mask): the same mask on CPU
+        from megatron.core.fusions import fused_softmax
+
+        def _sliding_window_causal_mask(sq, skv, window_size):
+            m = torch.ones(sq, skv, dtype=torch.bool)
+            return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+        if hasattr(fused_softmax, "get_sliding_window_causal_mask"):
+            fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
+    except ImportError:  # pragma: no cover
+        pass
     _SHIMS_APPLIED = True
 
 
@@ -101,6 +114,7 @@ class TinySpec:
     normalization: str = "RMSNorm"
     layernorm_epsilon: float = 1e-6
     rotary_base: float = 1_000_000.0
+    rotary_percent: float = 1.0
     tie_embeddings: bool = False
     multi_latent_attention: bool = False
     mla: dict = field(default_factory=dict)
@@ -214,6 +228,7 @@ def build_gpt(spec: TinySpec | None = None, seed: int = 1234, pre_process=True, 
         share_embeddings_and_output_weights=spec.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=spec.rotary_base,
+        rotary_percent=spec.rotary_percent,
         **kwargs,
     )
     _randomise_norms_and_biases(model, seed)

@@ -173,13 +173,27 @@ class TEGroupedMLPStandIn(torch.nn.Module):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         splits = tokens_per_expert.tolist()
         h = self.linear_fc1(permuted_local_hidden_states, splits)
-        if self.config.gated_linear_unit:
+        c = self.config
+        if c.gated_linear_unit:
+            # TEGroupedMLP's unfused glu (megatron-core 0.15 moe/experts.py): clamped, offset
             gate, up = torch.chunk(h, 2, dim=-1)
-            h = self.config.activation_func(gate) * up
+            val = getattr(c, "activation_func_clamp_value", None)
+            if val is not None:
+                gate, up = gate.clamp(min=None, max=val), up.clamp(min=-val, max=val)
+            h = c.activation_func(gate) * (up + getattr(c, "glu_linear_offset", 0.0))
         else:
-            h = self.config.activation_func(h)
-        h = (h * permuted_probs.unsqueeze(-1)).to(h.dtype)
-        return self.linear_fc2(h, splits), None
+            h = c.activation_func(h)
+        probs = permuted_probs.unsqueeze(-1)
+        h = (h * probs).to(h.dtype)
+        fc2 = self.linear_fc2
+        if not fc2.use_bias:
+            return fc2(h, splits), None
+        # TEGroupedMLP adds fc2's bias after the GEMM, weighted by the routing probability
+        # (skip_bias_add, then _apply_bias), as SequentialMLP's experts do
+        outs = []
+        for i, (chunk, p) in enumerate(zip(torch.split(h, splits), torch.split(probs, splits))):
+            outs.append(chunk @ fc2.expert_tensor("weight", i).t() + fc2.expert_tensor("bias", i) * p)
+        return torch.cat(outs), None
 
 
 class TELinearStandIn(torch.nn.Module):

@@ -24,12 +24,27 @@ from .. import mappings as mk
 
 @dataclass(frozen=True)
 class Entry:
+    """One mapping: a row selection (``kind``) into ``targets``, optionally followed by a
+    value transform of each output (see :class:`~..mappings.ValueTransform`)."""
+
     kind: mk.MappingKind
     targets: tuple[str, ...]
+    transform: Optional[mk.ValueTransform] = None
+    # Split across tensor parallelism along this dim although Megatron does not mark the
+    # parameter ``tensor_model_parallel`` (attention sinks: one value per local head)
+    tp_split: Optional[int] = None
+
+    def then(self, transform: mk.ValueTransform) -> "Entry":
+        return Entry(self.kind, self.targets, transform, self.tp_split)
 
 
 def R(*targets: str) -> Entry:
     return Entry(mk.rename, targets)
+
+
+def NORM(target: str) -> Entry:
+    """A norm weight: renamed, ``+ 1`` when the model stores it zero-centred."""
+    return Entry(mk.rename, (target,), mk.ZERO_CENTRED_NORM)
 
 
 def QKV(*targets: str) -> Entry:
@@ -101,6 +116,9 @@ class ArchRule:
     output: str = "lm_head.weight"
     layer_table: dict[str, Entry] = field(default_factory=dict)
     expert_names: dict[str, str] = field(default_factory=dict)  # gate/up/down (or up/down)
+    # Or all of a layer's experts in one HF tensor per projection: {"fc1": ..., "fc2": ...}
+    expert_stack: dict[str, mk.ExpertStack] = field(default_factory=dict)
+    final_norm_transform: Optional[mk.ValueTransform] = None
     supports_moe: bool = False
     build_config: Optional[Callable[[ModelInfo], dict]] = None
     check: Optional[Callable[[ModelInfo], None]] = None
@@ -198,3 +216,79 @@ def check_llama_family(info: ModelInfo, model_type: str, qk_norm: bool | None) -
             f"{model_type} {'needs' if qk_norm else 'has no'} qk-norm; the model has qk_layernorm={c.qk_layernorm}",
         )
     require(not c.add_bias_linear, f"{model_type} has no biases on linear layers (add_bias_linear=True)")
+
+
+# -- shared check fragments ------------------------------------------------------------------
+def check_sigmoid_router(info: ModelInfo, model_type: str) -> None:
+    """The DeepSeek-V3-style router HF models share (``deepseek_v3``, ``glm4_moe``,
+    ``nemotron_h``): sigmoid scores, an expert bias that only chooses, shared experts, and
+    group-limited routing ranking groups by the sum of their top-2 scores (HF) -- Megatron
+    ranks them by the top ``topk // group_topk``, so only that value (or all groups) fits."""
+    c, m = info.config, model_type
+    score = getattr(c, "moe_router_score_function", "softmax")
+    require(score == "sigmoid", f"{m} routes with sigmoid scores; the model's router uses {score} (moe_router_score_function)")
+    require(
+        info.has_expert_bias,
+        f"{m} always has a router expert bias (e_score_correction_bias, topk_method noaux_tc); "
+        "the model has moe_router_enable_expert_bias=False",
+    )
+    require(info.has_shared_experts, f"{m} always has shared experts; the model has none (moe_shared_expert_intermediate_size)")
+    require(not getattr(c, "moe_shared_expert_gate", False), f"{m} shared experts have no gate (moe_shared_expert_gate=True)")
+    n, topk = c.num_moe_experts, c.moe_router_topk
+    groups, gtopk = getattr(c, "moe_router_num_groups", None), getattr(c, "moe_router_group_topk", None)
+    if gtopk:
+        require(n % groups == 0, f"{m}: {n} experts do not split into {groups} groups")
+        require(
+            topk // gtopk == 2 or gtopk == groups,
+            f"{m} ranks expert groups by the sum of their top-2 scores; Megatron uses the top "
+            f"moe_router_topk // moe_router_group_topk = {topk} // {gtopk} = {topk // gtopk}",
+        )
+    else:
+        require(n >= 2, f"{m} routing needs at least 2 experts")
+    require(
+        getattr(c, "moe_router_topk_limited_devices", None) is None,
+        f"{m}: moe_router_topk_limited_devices is not supported (use moe_router_num_groups/moe_router_group_topk)",
+    )
+
+
+def check_shared_experts_multiple(info: ModelInfo, model_type: str) -> None:
+    """HF shared experts are ``n_shared_experts * moe_intermediate_size`` wide."""
+    sh, ffn = info.config.moe_shared_expert_intermediate_size, info.config.moe_ffn_hidden_size
+    require(
+        sh % ffn == 0,
+        f"{model_type} shared experts are n_shared_experts * moe_intermediate_size wide; "
+        f"moe_shared_expert_intermediate_size={sh} is not a multiple of moe_ffn_hidden_size={ffn}",
+    )
+
+
+def sigmoid_router_config(info: ModelInfo) -> dict:
+    """HF config keys of :func:`check_sigmoid_router`'s router (DeepSeek-V3 names)."""
+    c = info.config
+    topk = c.moe_router_topk
+    gtopk = getattr(c, "moe_router_group_topk", None)
+    return dict(
+        n_routed_experts=c.num_moe_experts,
+        num_experts_per_tok=topk,
+        moe_intermediate_size=c.moe_ffn_hidden_size,
+        n_shared_experts=c.moe_shared_expert_intermediate_size // c.moe_ffn_hidden_size,
+        n_group=c.moe_router_num_groups if gtopk else 1,
+        topk_group=gtopk if gtopk else 1,
+        routed_scaling_factor=float(c.moe_router_topk_scaling_factor or 1.0),
+        # Megatron normalises the gathered sigmoid scores only when topk > 1
+        norm_topk_prob=topk > 1,
+    )
+
+
+def first_k_dense(info: ModelInfo, model_type: str) -> int:
+    """HF builds MoE in every layer ``>= first_k_dense_replace``; Megatron's MoE layers must
+    be exactly that suffix."""
+    moe = sorted(info.moe_layers)
+    if not moe:
+        return info.num_layers
+    k = moe[0]
+    require(
+        moe == list(range(k, info.num_layers)),
+        f"{model_type} has dense layers first and MoE in every layer after them "
+        f"(first_k_dense_replace); the model's MoE layers are {moe} of {info.num_layers}",
+    )
+    return k

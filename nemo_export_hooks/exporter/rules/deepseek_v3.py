@@ -42,8 +42,22 @@ from __future__ import annotations
 
 import math
 
-from . import register
-from .base import ATTENTION, DENSE_MLP, GLU, SWIGLU_EXPERTS, ArchRule, ModelInfo, R, activation_name, require
+from . import rule
+from .base import (
+    ATTENTION,
+    DENSE_MLP,
+    GLU,
+    SWIGLU_EXPERTS,
+    ArchRule,
+    ModelInfo,
+    R,
+    activation_name,
+    check_shared_experts_multiple,
+    check_sigmoid_router,
+    require,
+    sigmoid_router_config,
+)
+from .base import first_k_dense as _first_k_dense
 
 MODEL_TYPE = "deepseek_v3"
 
@@ -81,18 +95,7 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
 
 
 def first_k_dense(info: ModelInfo) -> int:
-    """HF builds MoE in every layer ``>= first_k_dense_replace``; Megatron's MoE layers must
-    be exactly that suffix."""
-    moe = sorted(info.moe_layers)
-    if not moe:
-        return info.num_layers
-    k = moe[0]
-    require(
-        moe == list(range(k, info.num_layers)),
-        f"{MODEL_TYPE} has dense layers first and MoE in every layer after them "
-        f"(first_k_dense_replace); the model's MoE layers are {moe} of {info.num_layers}",
-    )
-    return k
+    return _first_k_dense(info, MODEL_TYPE)
 
 
 def _check(info: ModelInfo) -> None:
@@ -127,35 +130,8 @@ def _check(info: ModelInfo) -> None:
     if not info.moe_layers:
         return
     first_k_dense(info)
-    score = getattr(c, "moe_router_score_function", "softmax")
-    require(score == "sigmoid", f"{m} routes with sigmoid scores; the model's router uses {score} (moe_router_score_function)")
-    require(
-        info.has_expert_bias,
-        f"{m} always has a router expert bias (e_score_correction_bias, topk_method noaux_tc); "
-        "the model has moe_router_enable_expert_bias=False",
-    )
-    require(info.has_shared_experts, f"{m} always has shared experts; the model has none (moe_shared_expert_intermediate_size)")
-    sh, ffn = c.moe_shared_expert_intermediate_size, c.moe_ffn_hidden_size
-    require(
-        sh % ffn == 0,
-        f"{m} shared experts are n_shared_experts * moe_intermediate_size wide; "
-        f"moe_shared_expert_intermediate_size={sh} is not a multiple of moe_ffn_hidden_size={ffn}",
-    )
-    n, topk = c.num_moe_experts, c.moe_router_topk
-    groups, gtopk = getattr(c, "moe_router_num_groups", None), getattr(c, "moe_router_group_topk", None)
-    if gtopk:
-        require(n % groups == 0, f"{m}: {n} experts do not split into {groups} groups")
-        require(
-            topk // gtopk == 2 or gtopk == groups,
-            f"{m} ranks expert groups by the sum of their top-2 scores; Megatron uses the top "
-            f"moe_router_topk // moe_router_group_topk = {topk} // {gtopk} = {topk // gtopk}",
-        )
-    else:
-        require(n >= 2, f"{m} routing needs at least 2 experts")
-    require(
-        getattr(c, "moe_router_topk_limited_devices", None) is None,
-        f"{m}: moe_router_topk_limited_devices is not supported (use moe_router_num_groups/moe_router_group_topk)",
-    )
+    check_sigmoid_router(info, m)
+    check_shared_experts_multiple(info, m)
 
 
 def _rope(info: ModelInfo) -> tuple[dict | None, int]:
@@ -216,21 +192,10 @@ def _config(info: ModelInfo) -> dict:
         "pretraining_tp": 1,
     }
     if info.moe_layers:
-        topk = c.moe_router_topk
-        gtopk = getattr(c, "moe_router_group_topk", None)
-        groups = c.moe_router_num_groups if gtopk else 1
         cfg.update(
             first_k_dense_replace=first_k_dense(info),
             moe_layer_freq=1,
-            n_routed_experts=c.num_moe_experts,
-            num_experts_per_tok=topk,
-            moe_intermediate_size=c.moe_ffn_hidden_size,
-            n_shared_experts=c.moe_shared_expert_intermediate_size // c.moe_ffn_hidden_size,
-            n_group=groups,
-            topk_group=gtopk if gtopk else 1,
-            routed_scaling_factor=float(c.moe_router_topk_scaling_factor or 1.0),
-            # Megatron normalises the gathered sigmoid scores only when topk > 1
-            norm_topk_prob=topk > 1,
+            **sigmoid_router_config(info),
             scoring_func="sigmoid",
             topk_method="noaux_tc",
         )
@@ -250,7 +215,7 @@ def _config(info: ModelInfo) -> dict:
     return cfg
 
 
-DEEPSEEK_V3 = ArchRule(
+DEEPSEEK_V3 = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="DeepseekV3ForCausalLM",
     layer_table={**MLA_ATTENTION, **DENSE_MLP, **MOE},
@@ -259,6 +224,5 @@ DEEPSEEK_V3 = ArchRule(
     build_config=_config,
     check=_check,
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate"),
-)
+))
 
-register(DEEPSEEK_V3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import rule
 from .base import ATTENTION, DENSE_MLP, QK_NORM, QKV_BIAS, ArchRule, ModelInfo, check_llama_family, llama_family_config, require
 
 
@@ -46,26 +47,26 @@ def _qwen3_config(info: ModelInfo) -> dict:
     return cfg
 
 
-LLAMA = ArchRule(
+LLAMA = rule(ArchRule(
     model_type="llama",
     architecture="LlamaForCausalLM",
     layer_table={**ATTENTION, **DENSE_MLP},
     build_config=_llama_config,
     check=_dense_check("llama", qk_norm=False, qkv_bias=False),
-)
+))
 
-QWEN2 = ArchRule(
+QWEN2 = rule(ArchRule(
     model_type="qwen2",
     architecture="Qwen2ForCausalLM",
     layer_table={**ATTENTION, **QKV_BIAS, **DENSE_MLP},
     build_config=_qwen2_config,
     check=_dense_check("qwen2", qk_norm=False, qkv_bias=True),
-)
+))
 
-QWEN3 = ArchRule(
+QWEN3 = rule(ArchRule(
     model_type="qwen3",
     architecture="Qwen3ForCausalLM",
     layer_table={**ATTENTION, **QK_NORM, **DENSE_MLP},
     build_config=_qwen3_config,
     check=_dense_check("qwen3", qk_norm=True, qkv_bias=False),
-)
+))

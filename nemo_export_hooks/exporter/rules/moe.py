@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import rule
 from .base import (
     ATTENTION,
     DENSE_MLP,
@@ -60,7 +61,7 @@ def _qwen3_moe_config(info: ModelInfo) -> dict:
     return cfg
 
 
-QWEN3_MOE = ArchRule(
+QWEN3_MOE = rule(ArchRule(
     model_type="qwen3_moe",
     architecture="Qwen3MoeForCausalLM",
     layer_table={**ATTENTION, **QK_NORM, **DENSE_MLP, "mlp.router.weight": R("mlp.gate.weight")},
@@ -69,7 +70,7 @@ QWEN3_MOE = ArchRule(
     build_config=_qwen3_moe_config,
     check=_qwen3_moe_check,
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate"),
-)
+))
 
 
 def _mixtral_check(info: ModelInfo) -> None:
@@ -99,7 +100,7 @@ def _mixtral_config(info: ModelInfo) -> dict:
     return cfg
 
 
-MIXTRAL = ArchRule(
+MIXTRAL = rule(ArchRule(
     model_type="mixtral",
     architecture="MixtralForCausalLM",
     layer_table={**ATTENTION, "mlp.router.weight": R("block_sparse_moe.gate.weight")},
@@ -112,4 +113,4 @@ MIXTRAL = ArchRule(
     build_config=_mixtral_config,
     check=_mixtral_check,
     quant_exclude=("lm_head", "model.embed_tokens", "*.block_sparse_moe.gate"),
-)
+))

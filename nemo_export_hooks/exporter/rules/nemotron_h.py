@@ -61,8 +61,8 @@ import math
 import torch
 
 from .. import mappings as mk
-from . import register
-from .base import ArchMismatchError, ArchRule, Entry, ModelInfo, QKV, R, activation_name, require
+from . import rule
+from .base import ArchMismatchError, ArchRule, Entry, ModelInfo, QKV, R, activation_name, check_sigmoid_router, require
 
 MODEL_TYPE = "nemotron_h"
 HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
@@ -224,29 +224,7 @@ def _check(info: ModelInfo) -> None:
     if "E" not in types:
         return
     require(bool(getattr(c, "num_moe_experts", None)), f"{m}: the pattern has MoE layers but the model has no experts")
-    score = getattr(c, "moe_router_score_function", "softmax")
-    require(score == "sigmoid", f"{m} routes with sigmoid scores; the model's router uses {score} (moe_router_score_function)")
-    require(
-        info.has_expert_bias,
-        f"{m} always has a router expert bias (e_score_correction_bias); the model has moe_router_enable_expert_bias=False",
-    )
-    require(info.has_shared_experts, f"{m} MoE layers always have shared experts; the model has none (moe_shared_expert_intermediate_size)")
-    require(not getattr(c, "moe_shared_expert_gate", False), f"{m} shared experts have no gate (moe_shared_expert_gate=True)")
-    n, topk = c.num_moe_experts, c.moe_router_topk
-    groups, gtopk = getattr(c, "moe_router_num_groups", None), getattr(c, "moe_router_group_topk", None)
-    if gtopk:
-        require(n % groups == 0, f"{m}: {n} experts do not split into {groups} groups")
-        require(
-            topk // gtopk == 2 or gtopk == groups,
-            f"{m} ranks expert groups by the sum of their top-2 scores; Megatron uses the top "
-            f"moe_router_topk // moe_router_group_topk = {topk} // {gtopk} = {topk // gtopk}",
-        )
-    else:
-        require(n >= 2, f"{m} routing needs at least 2 experts")
-    require(
-        getattr(c, "moe_router_topk_limited_devices", None) is None,
-        f"{m}: moe_router_topk_limited_devices is not supported (use moe_router_num_groups/moe_router_group_topk)",
-    )
+    check_sigmoid_router(info, m)
 
 
 def _config(info: ModelInfo) -> dict:
@@ -325,7 +303,7 @@ def _config(info: ModelInfo) -> dict:
     return cfg
 
 
-NEMOTRON_H = ArchRule(
+NEMOTRON_H = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="NemotronHForCausalLM",
     layer_prefix="backbone.layers.{L}.",
@@ -345,6 +323,5 @@ NEMOTRON_H = ArchRule(
     # each one that has no quantizer by name, as ModelOpt's own export does.
     quant_exclude=("lm_head", "backbone.embeddings", "*.mixer.gate", "*.mixer.conv1d"),
     hybrid_native=True,
-)
+))
 
-register(NEMOTRON_H)

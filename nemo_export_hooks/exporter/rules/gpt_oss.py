@@ -1,0 +1,180 @@
+"""gpt-oss (``gpt_oss``, transformers ``GptOssForCausalLM``).
+
+Grouped-query attention with biases on q/k/v/o and a learned attention sink per head,
+sliding-window and full attention layers alternating, and MoE in every layer with a biased
+softmax router and clamped SwiGLU experts stored stacked.
+
+Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Megatron-Core
+0.15.3 (``transformer/dot_product_attention.py``, ``fusions/fused_softmax.py``,
+``transformer/mlp.py``, ``transformer/utils.py``):
+
+* Sinks: HF appends ``sinks[h]`` as one more logit to every softmax row and drops it after;
+  Megatron ``softmax_type="learnable"`` (``SoftmaxOne``) does the same with
+  ``core_attention.softmax_offset`` (one value per local head: split over TP along dim 0,
+  but not marked ``tensor_model_parallel``, hence ``tp_split``).
+* Sliding window: Megatron ``window_size=(W, 0)`` keeps keys ``q - W .. q`` (``W + 1`` of
+  them); HF ``sliding_window=S`` keeps ``q - S < k <= q`` (``S``).  So ``S = W + 1``.
+  Megatron windows layer ``i`` (1-based) unless ``i % window_attn_skip_freq == 0`` (or by a
+  0/1 list); the config lists every layer in ``layer_types``.
+* Experts: HF computes ``x @ gate_up_proj[e] + gate_up_proj_bias[e]`` with ``gate_up_proj``
+  ``[E, H, 2F]``, gate/up columns interleaved (``gate = [..., ::2]``, ``up = [..., 1::2]``),
+  then ``(clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g)``, ``g = clamp(gate, max=7)``, and
+  ``@ down_proj[e]`` ``[E, F, H]`` ``+ down_proj_bias[e]``.  Megatron's gated fc1 is
+  ``[gate; up]`` along rows of ``[2F, H]``; with ``activation_func=quick_gelu``
+  (``x * sigmoid(1.702 x)``), ``glu_linear_offset=1.0`` and
+  ``activation_func_clamp_value=7.0`` it computes the same.  So each layer's experts are one
+  :class:`~..mappings.ExpertStack` per projection: interleave the halves, transpose.
+* Router: HF ``linear(x, weight, bias)``, top-k on the logits, softmax over the k; Megatron's
+  ``TopKRouter`` with ``add_bias_linear`` has the bias and with ``moe_router_pre_softmax=False``
+  routes the same way.
+* RoPE: HF rotates halves (``chunk(2)``), as Megatron without ``rotary_interleaved``.  Only
+  plain RoPE is exported (``rope_scaling: null``); released gpt-oss checkpoints use YaRN,
+  which is refused here rather than guessed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import mappings as mk
+from . import rule
+from .base import QKV, ArchRule, Entry, ModelInfo, R, require
+
+MODEL_TYPE = "gpt_oss"
+ALPHA, LIMIT = 1.702, 7.0  # hard-wired in transformers' GptOssExperts
+
+
+def _transpose_last(s: tuple) -> tuple:
+    return (*s[:-2], s[-1], s[-2])
+
+
+GATE_UP = mk.ValueTransform(
+    "gate/up interleaved and transposed ([E, 2F, H] -> [E, H, 2F])",
+    lambda t: mk.interleave_halves(t, 1).transpose(1, 2),
+    shape=_transpose_last,
+)
+GATE_UP_BIAS = mk.ValueTransform("gate/up interleaved ([E, 2F])", lambda t: mk.interleave_halves(t, 1))
+DOWN = mk.ValueTransform("transposed ([E, H, F] -> [E, F, H])", lambda t: t.transpose(1, 2), shape=_transpose_last)
+
+LAYER = {
+    "input_layernorm.weight": R("input_layernorm.weight"),
+    "self_attention.linear_qkv.layer_norm_weight": R("input_layernorm.weight"),
+    "self_attention.linear_qkv.weight": QKV("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attention.linear_qkv.bias": QKV("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "self_attention.linear_proj.weight": R("self_attn.o_proj.weight"),
+    "self_attention.linear_proj.bias": R("self_attn.o_proj.bias"),
+    "self_attention.core_attention.softmax_offset": Entry(mk.rename, ("self_attn.sinks",), tp_split=0),
+    "pre_mlp_layernorm.weight": R("post_attention_layernorm.weight"),
+    "mlp.router.weight": R("mlp.router.weight"),
+    "mlp.router.bias": R("mlp.router.bias"),
+}
+
+EXPERTS = {
+    "fc1": mk.ExpertStack("mlp.experts.gate_up_proj", GATE_UP, "mlp.experts.gate_up_proj_bias", GATE_UP_BIAS),
+    "fc2": mk.ExpertStack("mlp.experts.down_proj", DOWN, "mlp.experts.down_proj_bias"),
+}
+
+
+def _is_quick_gelu(c) -> bool:
+    import torch
+
+    x = torch.linspace(-6, 6, 25)
+    try:
+        y = c.activation_func(x)
+    except Exception:
+        return False
+    return bool(torch.allclose(y, x * torch.sigmoid(ALPHA * x), atol=1e-6))
+
+
+def _windowed(info: ModelInfo) -> list[bool]:
+    c = info.config
+    ws = getattr(c, "window_size", None)
+    if not ws:
+        return [False] * info.num_layers
+    freq = getattr(c, "window_attn_skip_freq", None)
+    if freq is None:
+        return [True] * info.num_layers
+    if isinstance(freq, int):
+        return [(i + 1) % freq != 0 for i in range(info.num_layers)]
+    return [bool(f) for f in list(freq)]
+
+
+def _check(info: ModelInfo) -> None:
+    c, a, m = info.config, info.attrs, MODEL_TYPE
+    require(c.normalization == "RMSNorm", f"{m} needs RMSNorm, the model uses {c.normalization}")
+    require(not getattr(c, "layernorm_zero_centered_gamma", False), f"{m} has no zero-centred norm weights")
+    require(not getattr(c, "multi_latent_attention", False), f"{m} has no multi-latent attention")
+    require(not c.qk_layernorm, f"{m} has no qk-norm; the model has qk_layernorm=True")
+    require(bool(c.add_bias_linear), f"{m} has biases on every linear layer and the router (add_bias_linear=True)")
+    require(getattr(c, "softmax_type", "vanilla") == "learnable",
+            f"{m} attention has a learned sink per head (softmax_type='learnable'); the model has softmax_type={getattr(c, 'softmax_type', 'vanilla')!r}")
+    require(a["position_embedding_type"] == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
+    require(not a["rope_scaling"] and a["rotary_percent"] == 1.0,
+            f"{m} export supports plain RoPE on all head dims (no rope scaling, rotary_percent=1.0)")
+    require(not c.rotary_interleaved, f"{m} rotates halves; the model has rotary_interleaved=True")
+    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
+    sm = getattr(c, "softmax_scale", None)
+    require(sm is None or math.isclose(sm, head_dim ** -0.5), f"{m} scales attention by 1/sqrt(head_dim); the model has softmax_scale={sm}")
+    ws = getattr(c, "window_size", None)
+    if ws:
+        require(int(ws[1]) == 0, f"{m} sliding windows look back only; the model has window_size={tuple(ws)}")
+    require(c.gated_linear_unit, f"{m} experts are gated (gated_linear_unit=True)")
+    require(_is_quick_gelu(c), f"{m} experts use g * sigmoid({ALPHA} g) (activation_func=quick_gelu); the model uses {getattr(c.activation_func, '__name__', c.activation_func)!r}")
+    require(getattr(c, "glu_linear_offset", 0.0) == 1.0, f"{m} experts compute (up + 1); the model has glu_linear_offset={getattr(c, 'glu_linear_offset', 0.0)}")
+    require(getattr(c, "activation_func_clamp_value", None) == LIMIT,
+            f"{m} experts clamp at {LIMIT}; the model has activation_func_clamp_value={getattr(c, 'activation_func_clamp_value', None)}")
+    dense = [i for i in range(info.num_layers) if i not in info.moe_layers]
+    require(not dense, f"{m} has MoE in every layer; layers {dense} are dense")
+    score = getattr(c, "moe_router_score_function", "softmax")
+    require(score == "softmax", f"{m} routes with softmax; the model uses {score}")
+    require(not c.moe_router_pre_softmax, f"{m} applies softmax over the top-k logits; the model has moe_router_pre_softmax=True")
+    require(not info.has_expert_bias, f"{m} has no router expert bias (moe_router_enable_expert_bias)")
+    require(not info.has_shared_experts, f"{m} has no shared experts")
+    require(getattr(c, "moe_router_topk_scaling_factor", None) in (None, 1.0), f"{m} has no routed scaling factor")
+    require(not getattr(c, "moe_router_num_groups", None), f"{m} has no group-limited routing")
+
+
+def _config(info: ModelInfo) -> dict:
+    c, a = info.config, info.attrs
+    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
+    windowed = _windowed(info)
+    ws = getattr(c, "window_size", None)
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "vocab_size": a["vocab_size"],
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.moe_ffn_hidden_size,
+        "num_hidden_layers": info.num_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_query_groups or c.num_attention_heads,
+        "head_dim": head_dim,
+        "num_local_experts": c.num_moe_experts,
+        "num_experts_per_tok": c.moe_router_topk,
+        "sliding_window": int(ws[0]) + 1 if ws else a["max_sequence_length"],
+        "layer_types": ["sliding_attention" if w else "full_attention" for w in windowed],
+        "rope_theta": a["rotary_base"],
+        "rope_scaling": None,
+        "max_position_embeddings": a["max_sequence_length"],
+        "rms_norm_eps": c.layernorm_epsilon,
+        "hidden_act": "silu",
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": a["tie_word_embeddings"],
+        "initializer_range": c.init_method_std,
+        "router_aux_loss_coef": float(getattr(c, "moe_aux_loss_coeff", 0.0) or 0.0),
+        "output_router_logits": False,
+        "use_cache": True,
+    }
+
+
+GPT_OSS = rule(ArchRule(
+    model_type=MODEL_TYPE,
+    architecture="GptOssForCausalLM",
+    layer_table=LAYER,
+    expert_stack=EXPERTS,
+    supports_moe=True,
+    build_config=_config,
+    check=_check,
+    quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.router"),
+))
