@@ -63,7 +63,8 @@ def test_gpt_oss_roundtrip(mcore, tmp_path, layout):
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
     diff = (hf_logits(hf, tokens) - ref).abs().max().item()
     assert diff <= ATOL, f"max abs logit diff {diff}"
-    assert res.num_tensors == len(hf.state_dict())
+    # (transformers 5 fuses experts in memory: count the files' tensors, not the state dict)
+    assert res.num_tensors == len(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"])
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
     assert cfg["sliding_window"] == 4 and cfg["num_local_experts"] == 4 and cfg["intermediate_size"] == 32

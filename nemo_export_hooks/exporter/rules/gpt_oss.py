@@ -28,7 +28,7 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
   ``TopKRouter`` with ``add_bias_linear`` has the bias and with ``moe_router_pre_softmax=False``
   routes the same way.
 * RoPE: HF rotates halves (``chunk(2)``), as Megatron without ``rotary_interleaved``.  Only
-  plain RoPE is exported (``rope_scaling: null``); released gpt-oss checkpoints use YaRN,
+  plain RoPE is exported (``rope_type: default``); released gpt-oss checkpoints use YaRN,
   which is refused here rather than guessed.
 """
 
@@ -154,7 +154,12 @@ def _config(info: ModelInfo) -> dict:
         "sliding_window": int(ws[0]) + 1 if ws else a["max_sequence_length"],
         "layer_types": ["sliding_attention" if w else "full_attention" for w in windowed],
         "rope_theta": a["rotary_base"],
-        "rope_scaling": None,
+        # plain RoPE, said so explicitly: transformers 5 reads a missing rope_parameters as
+        # gpt-oss's YaRN (factor 32); transformers 4.57 reads rope_scaling
+        "rope_scaling": {"rope_type": "default"},
+        "rope_parameters": {"rope_type": "default", "rope_theta": a["rotary_base"]},
+        "swiglu_alpha": ALPHA,  # transformers 5 reads these; 4.57 hard-wires the same values
+        "swiglu_limit": LIMIT,
         "max_position_embeddings": a["max_sequence_length"],
         "rms_norm_eps": c.layernorm_epsilon,
         "hidden_act": "silu",
