@@ -55,6 +55,7 @@ from .base import (
     check_shared_experts_multiple,
     check_sigmoid_router,
     require,
+    hf_config,
     sigmoid_router_config,
 )
 from .base import first_k_dense as _first_k_dense
@@ -162,35 +163,23 @@ def _rope(info: ModelInfo) -> tuple[dict | None, int]:
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
     rope_scaling, max_pos = _rope(info)
-    cfg = {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": a["vocab_size"],
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.ffn_hidden_size,
-        "num_hidden_layers": info.num_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_attention_heads,
-        "q_lora_rank": c.q_lora_rank,
-        "kv_lora_rank": c.kv_lora_rank,
-        "qk_nope_head_dim": c.qk_head_dim,
-        "qk_rope_head_dim": c.qk_pos_emb_head_dim,
-        "v_head_dim": c.v_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_pos,
-        "rms_norm_eps": c.layernorm_epsilon,
-        "rope_theta": float(c.rotary_base),  # MLA's own base, not GPTModel.rotary_base
-        "rope_scaling": rope_scaling,
-        "rope_interleave": True,
-        "tie_word_embeddings": a["tie_word_embeddings"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": c.init_method_std,
-        "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pretraining_tp": 1,
-    }
+    cfg = hf_config(
+        info, MODEL_TYPE, "DeepseekV3ForCausalLM",
+        num_key_value_heads=c.num_attention_heads,
+        q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_head_dim,
+        qk_rope_head_dim=c.qk_pos_emb_head_dim,
+        v_head_dim=c.v_head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_pos,
+        rope_theta=float(c.rotary_base),  # MLA's own base, not GPTModel.rotary_base
+        rope_scaling=rope_scaling,
+        rope_interleave=True,
+        attention_bias=False,
+        pretraining_tp=1,
+    )
+    cfg.pop("head_dim")  # MLA: per-part head dims above
     if info.moe_layers:
         cfg.update(
             first_k_dense_replace=first_k_dense(info),

@@ -38,7 +38,7 @@ import math
 
 from .. import mappings as mk
 from . import rule
-from .base import QKV, ArchRule, Entry, ModelInfo, R, require
+from .base import QKV, ArchRule, Entry, ModelInfo, R, hf_config, require
 
 MODEL_TYPE = "gpt_oss"
 ALPHA, LIMIT = 1.702, 7.0  # hard-wired in transformers' GptOssExperts
@@ -136,41 +136,26 @@ def _check(info: ModelInfo) -> None:
 
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
-    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
     windowed = _windowed(info)
     ws = getattr(c, "window_size", None)
-    return {
-        "architectures": ["GptOssForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": a["vocab_size"],
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.moe_ffn_hidden_size,
-        "num_hidden_layers": info.num_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_query_groups or c.num_attention_heads,
-        "head_dim": head_dim,
-        "num_local_experts": c.num_moe_experts,
-        "num_experts_per_tok": c.moe_router_topk,
-        "sliding_window": int(ws[0]) + 1 if ws else a["max_sequence_length"],
-        "layer_types": ["sliding_attention" if w else "full_attention" for w in windowed],
-        "rope_theta": a["rotary_base"],
+    return hf_config(
+        info, MODEL_TYPE, "GptOssForCausalLM",
+        intermediate_size=c.moe_ffn_hidden_size,
+        num_local_experts=c.num_moe_experts,
+        num_experts_per_tok=c.moe_router_topk,
+        sliding_window=int(ws[0]) + 1 if ws else a["max_sequence_length"],
+        layer_types=["sliding_attention" if w else "full_attention" for w in windowed],
         # plain RoPE, said so explicitly: transformers 5 reads a missing rope_parameters as
         # gpt-oss's YaRN (factor 32); transformers 4.57 reads rope_scaling
-        "rope_scaling": {"rope_type": "default"},
-        "rope_parameters": {"rope_type": "default", "rope_theta": a["rotary_base"]},
-        "swiglu_alpha": ALPHA,  # transformers 5 reads these; 4.57 hard-wires the same values
-        "swiglu_limit": LIMIT,
-        "max_position_embeddings": a["max_sequence_length"],
-        "rms_norm_eps": c.layernorm_epsilon,
-        "hidden_act": "silu",
-        "attention_bias": True,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": a["tie_word_embeddings"],
-        "initializer_range": c.init_method_std,
-        "router_aux_loss_coef": float(getattr(c, "moe_aux_loss_coeff", 0.0) or 0.0),
-        "output_router_logits": False,
-        "use_cache": True,
-    }
+        rope_scaling={"rope_type": "default"},
+        rope_parameters={"rope_type": "default", "rope_theta": a["rotary_base"]},
+        swiglu_alpha=ALPHA,  # transformers 5 reads these; 4.57 hard-wires the same values
+        swiglu_limit=LIMIT,
+        hidden_act="silu",
+        attention_bias=True,
+        router_aux_loss_coef=float(getattr(c, "moe_aux_loss_coeff", 0.0) or 0.0),
+        output_router_logits=False,
+    )
 
 
 GPT_OSS = rule(ArchRule(

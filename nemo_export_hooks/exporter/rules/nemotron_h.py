@@ -62,7 +62,7 @@ import torch
 
 from .. import mappings as mk
 from . import rule
-from .base import ArchMismatchError, ArchRule, Entry, ModelInfo, QKV, R, activation_name, check_sigmoid_router, require
+from .base import ArchMismatchError, ArchRule, Entry, ModelInfo, QKV, R, activation_name, check_sigmoid_router, hf_config, require
 
 MODEL_TYPE = "nemotron_h"
 HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
@@ -230,39 +230,27 @@ def _check(info: ModelInfo) -> None:
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
     types = info.layer_types
-    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
-    cfg = {
-        "architectures": ["NemotronHForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": a["vocab_size"],
-        "hidden_size": c.hidden_size,
-        "layers_block_type": [HF_LAYER_TYPES[t] for t in types],
+    cfg = hf_config(
+        info, MODEL_TYPE, "NemotronHForCausalLM",
+        keys=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+              "attention_dropout", "initializer_range", "use_cache", "bos_token_id", "eos_token_id"),
+        num_hidden_layers=len(types),
+        layers_block_type=[HF_LAYER_TYPES[t] for t in types],
         # the same pattern in the older spelling (remote-code readers, transformers < 5)
-        "hybrid_override_pattern": "".join(types),
-        "num_hidden_layers": len(types),
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_query_groups or c.num_attention_heads,
-        "head_dim": head_dim,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "sliding_window": None,
-        "max_position_embeddings": a["max_sequence_length"],
-        "intermediate_size": c.ffn_hidden_size,
-        "mlp_hidden_act": activation_name(c),
-        "mlp_bias": False,
-        "use_bias": False,
-        "layer_norm_epsilon": c.layernorm_epsilon,
-        "residual_in_fp32": bool(getattr(c, "fp32_residual_connection", False)),
-        "hidden_dropout": 0.0,
-        "tie_word_embeddings": a["tie_word_embeddings"],
-        "initializer_range": c.init_method_std,
-        "use_cache": True,
-        "num_logits_to_keep": 1,
-        "num_nextn_predict_layers": 0,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-    }
+        hybrid_override_pattern="".join(types),
+        attention_bias=False,
+        sliding_window=None,
+        mlp_hidden_act=activation_name(c),
+        mlp_bias=False,
+        use_bias=False,
+        layer_norm_epsilon=c.layernorm_epsilon,
+        residual_in_fp32=bool(getattr(c, "fp32_residual_connection", False)),
+        hidden_dropout=0.0,
+        num_logits_to_keep=1,
+        num_nextn_predict_layers=0,
+        pad_token_id=None,
+    )
     d = a.get("mamba")
     if d:
         cfg.update(
