@@ -92,7 +92,7 @@ class ModelInfo:
     """Everything a rule needs to know about the model, read from config and attributes."""
 
     config: Any  # megatron TransformerConfig
-    attrs: dict
+    attrs: Any  # source.ModelAttrs (typed; attrs["name"] also works)
     moe_layers: list[int]  # global indices of MoE layers
     num_layers: int
     has_shared_experts: bool
@@ -176,17 +176,17 @@ def _head_dim(c) -> int:
 # One table of the HF config keys rules share, each read from the model once; a rule takes
 # the keys it needs (:func:`hf_config`) and adds or overrides its own.
 HF_KEYS: dict[str, Callable[[ModelInfo], Any]] = {
-    "vocab_size": lambda i: i.attrs["vocab_size"],
+    "vocab_size": lambda i: i.attrs.vocab_size,
     "hidden_size": lambda i: i.config.hidden_size,
     "intermediate_size": lambda i: i.config.ffn_hidden_size,
     "num_hidden_layers": lambda i: i.num_layers,
     "num_attention_heads": lambda i: i.config.num_attention_heads,
     "num_key_value_heads": lambda i: i.config.num_query_groups or i.config.num_attention_heads,
     "head_dim": lambda i: _head_dim(i.config),
-    "max_position_embeddings": lambda i: i.attrs["max_sequence_length"],
+    "max_position_embeddings": lambda i: i.attrs.max_sequence_length,
     "rms_norm_eps": lambda i: i.config.layernorm_epsilon,
-    "rope_theta": lambda i: i.attrs["rotary_base"],
-    "tie_word_embeddings": lambda i: i.attrs["tie_word_embeddings"],
+    "rope_theta": lambda i: i.attrs.rotary_base,
+    "tie_word_embeddings": lambda i: i.attrs.tie_word_embeddings,
     "attention_dropout": lambda i: 0.0,
     "initializer_range": lambda i: i.config.init_method_std,
     "use_cache": lambda i: True,
@@ -224,8 +224,8 @@ def check_llama_family(info: ModelInfo, model_type: str, qk_norm: bool | None) -
     require(c.normalization == "RMSNorm", f"{model_type} needs RMSNorm, the model uses {c.normalization}")
     require(c.gated_linear_unit, f"{model_type} needs a gated MLP (gated_linear_unit=True)")
     require(activation_name(c) == "silu", f"{model_type} needs SiLU, the model uses {activation_name(c)}")
-    require(info.attrs["position_embedding_type"] == "rope", f"{model_type} needs rotary embeddings")
-    require(info.attrs["rotary_percent"] == 1.0, f"{model_type} needs rotary_percent=1.0")
+    require(info.attrs.position_embedding_type == "rope", f"{model_type} needs rotary embeddings")
+    require(info.attrs.rotary_percent == 1.0, f"{model_type} needs rotary_percent=1.0")
     require(not getattr(c, "multi_latent_attention", False), f"{model_type} has no multi-latent attention")
     if qk_norm is not None:
         require(

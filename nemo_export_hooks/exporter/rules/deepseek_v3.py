@@ -112,7 +112,7 @@ def _check(info: ModelInfo) -> None:
     ng = c.num_query_groups
     require(ng in (None, c.num_attention_heads), f"{m} (MLA) has one kv head per query head; the model has num_query_groups={ng}")
     require(
-        a["position_embedding_type"] in ("rope", "none"),
+        a.position_embedding_type in ("rope", "none"),
         f"{m} applies RoPE inside MLA; the model has position_embedding_type={a['position_embedding_type']!r}",
     )
     require(not c.rotary_interleaved, f"{m} export needs rotary_interleaved=False (MLA de-interleaves the rope dims itself)")
@@ -138,7 +138,7 @@ def _check(info: ModelInfo) -> None:
 def _rope(info: ModelInfo) -> tuple[dict | None, int]:
     c, a = info.config, info.attrs
     if getattr(c, "rope_type", "yarn") == "rope":
-        return None, a["max_sequence_length"]
+        return None, a.max_sequence_length
     factor = float(c.rotary_scaling_factor)
     orig = int(c.original_max_position_embeddings)
     rs = {
@@ -157,7 +157,7 @@ def _rope(info: ModelInfo) -> tuple[dict | None, int]:
     hf = meg if (c.mscale and c.mscale_all_dim) else _yarn_mscale(factor, 1.0)
     if not math.isclose(meg, hf, rel_tol=0, abs_tol=1e-12):
         rs["attention_factor"] = float(meg)
-    return rs, max(a["max_sequence_length"], int(round(orig * factor)))
+    return rs, max(a.max_sequence_length, int(round(orig * factor)))
 
 
 def _config(info: ModelInfo) -> dict:

@@ -108,8 +108,8 @@ def _check(info: ModelInfo) -> None:
     require(bool(c.add_bias_linear), f"{m} has biases on every linear layer and the router (add_bias_linear=True)")
     require(getattr(c, "softmax_type", "vanilla") == "learnable",
             f"{m} attention has a learned sink per head (softmax_type='learnable'); the model has softmax_type={getattr(c, 'softmax_type', 'vanilla')!r}")
-    require(a["position_embedding_type"] == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
-    require(not a["rope_scaling"] and a["rotary_percent"] == 1.0,
+    require(a.position_embedding_type == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
+    require(not a.rope_scaling and a.rotary_percent == 1.0,
             f"{m} export supports plain RoPE on all head dims (no rope scaling, rotary_percent=1.0)")
     require(not c.rotary_interleaved, f"{m} rotates halves; the model has rotary_interleaved=True")
     head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
@@ -143,12 +143,12 @@ def _config(info: ModelInfo) -> dict:
         intermediate_size=c.moe_ffn_hidden_size,
         num_local_experts=c.num_moe_experts,
         num_experts_per_tok=c.moe_router_topk,
-        sliding_window=int(ws[0]) + 1 if ws else a["max_sequence_length"],
+        sliding_window=int(ws[0]) + 1 if ws else a.max_sequence_length,
         layer_types=["sliding_attention" if w else "full_attention" for w in windowed],
         # plain RoPE, said so explicitly: transformers 5 reads a missing rope_parameters as
         # gpt-oss's YaRN (factor 32); transformers 4.57 reads rope_scaling
         rope_scaling={"rope_type": "default"},
-        rope_parameters={"rope_type": "default", "rope_theta": a["rotary_base"]},
+        rope_parameters={"rope_type": "default", "rope_theta": a.rotary_base},
         swiglu_alpha=ALPHA,  # transformers 5 reads these; 4.57 hard-wires the same values
         swiglu_limit=LIMIT,
         hidden_act="silu",

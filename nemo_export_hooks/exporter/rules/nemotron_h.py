@@ -118,7 +118,7 @@ def per_rank_parts_rows(sizes: list[int], tp: int) -> torch.Tensor:
 
 
 def _mamba(info: ModelInfo) -> dict:
-    m = info.attrs.get("mamba")
+    m = info.attrs.get("mamba")  # a ModelAttrs, or a plain dict (tests)
     if not m:
         raise ArchMismatchError("the model has Mamba tensors but no Mamba layers in its hybrid pattern")
     return m
@@ -200,7 +200,7 @@ def _check(info: ModelInfo) -> None:
         f"{m} adds each layer's input (before its norm) to the residual; the model has apply_residual_connection_post_layernorm=True",
     )
     require(
-        a["position_embedding_type"] == "none",
+        a.position_embedding_type == "none",
         f"{m} has no position embeddings (its attention has no rotary embedding); "
         f"the model has position_embedding_type={a['position_embedding_type']!r}",
     )
@@ -211,7 +211,7 @@ def _check(info: ModelInfo) -> None:
         kv = c.kv_channels or c.hidden_size // c.num_attention_heads
         require(sm is None or math.isclose(sm, kv ** -0.5), f"{m} scales attention by 1/sqrt(head_dim); the model has softmax_scale={sm}")
     if "M" in types:
-        d = a["mamba"]
+        d = a.mamba
         require(d["rmsnorm"] and not d["norm_before_gate"], f"{m} Mamba mixers apply a gated RMSNorm after the gate (rmsnorm=True, norm_before_gate=False)")
         require(not d["D_has_hdim"], f"{m} has one D per Mamba head; the model has D_has_hdim=True")
         require(d["nheads"] % d["ngroups"] == 0, f"{m}: {d['nheads']} Mamba heads do not split into {d['ngroups']} groups")
@@ -251,7 +251,7 @@ def _config(info: ModelInfo) -> dict:
         num_nextn_predict_layers=0,
         pad_token_id=None,
     )
-    d = a.get("mamba")
+    d = a.mamba
     if d:
         cfg.update(
             mamba_num_heads=d["nheads"],
