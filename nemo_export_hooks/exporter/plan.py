@@ -190,7 +190,7 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
             if getattr(fl, "bias", None) is not None:
                 plan.jobs.append(Job(f"{fl_name}.bias", (rule.final_norm_bias,), mk.rename, fl.bias, None, layout.tp, False, dense_owner))
         out = getattr(chunk, "output_layer", None)
-        if out is not None and not info.attrs["tie_word_embeddings"]:
+        if out is not None and not info.attrs.tie_word_embeddings:
             w = out.weight
             plan.jobs.append(Job("output_layer.weight", (rule.output,), mk.rename, w, _tp_dim(w), layout.tp, False, dense_owner))
     return plan

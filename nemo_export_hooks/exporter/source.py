@@ -75,20 +75,44 @@ def iter_layers(chunks: list[torch.nn.Module]) -> Iterator[LayerRef]:
             yield LayerRef(index=int(layer.layer_number) - 1, module=layer)
 
 
-def model_attrs(chunks: list[torch.nn.Module]) -> dict:
+@dataclass(frozen=True)
+class ModelAttrs:
+    """Model-level facts that ``TransformerConfig`` lacks, read from the model chunk.
+
+    Typed fields; ``attrs["name"]`` still works (rules written against the earlier dict)."""
+
+    vocab_size: int
+    max_sequence_length: int
+    rotary_base: float
+    rotary_percent: float
+    position_embedding_type: str
+    tie_word_embeddings: bool
+    rope_scaling: bool  # GPTModel's rotary_scaling (Llama-3.1 style); not exported
+    mamba: Optional[dict]  # mamba_dims(), None without Mamba layers
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
+
+
+def model_attrs(chunks: list[torch.nn.Module]) -> ModelAttrs:
     """Model-level attributes that ``TransformerConfig`` lacks (vocab, rotary base...)."""
     first = chunks[0]
     rotary_base, rotary_percent = rotary_attrs(first)
-    return {
-        "vocab_size": int(getattr(first, "vocab_size")),
-        "max_sequence_length": int(getattr(first, "max_sequence_length", 4096)),
-        "rotary_base": rotary_base,
-        "rotary_percent": rotary_percent,
-        "position_embedding_type": getattr(first, "position_embedding_type", "rope"),
-        "tie_word_embeddings": bool(getattr(first, "share_embeddings_and_output_weights", False)),
-        "rope_scaling": bool(getattr(first, "rotary_scaling", False)),
-        "mamba": mamba_dims(chunks),
-    }
+    return ModelAttrs(
+        vocab_size=int(getattr(first, "vocab_size")),
+        max_sequence_length=int(getattr(first, "max_sequence_length", 4096)),
+        rotary_base=rotary_base,
+        rotary_percent=rotary_percent,
+        position_embedding_type=getattr(first, "position_embedding_type", "rope"),
+        tie_word_embeddings=bool(getattr(first, "share_embeddings_and_output_weights", False)),
+        rope_scaling=bool(getattr(first, "rotary_scaling", False)),
+        mamba=mamba_dims(chunks),
+    )
 
 
 def rotary_attrs(model: torch.nn.Module) -> tuple[float, float]:

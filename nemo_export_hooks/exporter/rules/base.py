@@ -92,7 +92,7 @@ class ModelInfo:
     """Everything a rule needs to know about the model, read from config and attributes."""
 
     config: Any  # megatron TransformerConfig
-    attrs: dict
+    attrs: Any  # source.ModelAttrs (typed; attrs["name"] also works)
     moe_layers: list[int]  # global indices of MoE layers
     num_layers: int
     has_shared_experts: bool
@@ -169,32 +169,49 @@ SWIGLU_EXPERTS = {
 }
 
 
+def _head_dim(c) -> int:
+    return c.kv_channels or c.hidden_size // c.num_attention_heads
+
+
+# One table of the HF config keys rules share, each read from the model once; a rule takes
+# the keys it needs (:func:`hf_config`) and adds or overrides its own.
+HF_KEYS: dict[str, Callable[[ModelInfo], Any]] = {
+    "vocab_size": lambda i: i.attrs.vocab_size,
+    "hidden_size": lambda i: i.config.hidden_size,
+    "intermediate_size": lambda i: i.config.ffn_hidden_size,
+    "num_hidden_layers": lambda i: i.num_layers,
+    "num_attention_heads": lambda i: i.config.num_attention_heads,
+    "num_key_value_heads": lambda i: i.config.num_query_groups or i.config.num_attention_heads,
+    "head_dim": lambda i: _head_dim(i.config),
+    "max_position_embeddings": lambda i: i.attrs.max_sequence_length,
+    "rms_norm_eps": lambda i: i.config.layernorm_epsilon,
+    "rope_theta": lambda i: i.attrs.rotary_base,
+    "tie_word_embeddings": lambda i: i.attrs.tie_word_embeddings,
+    "attention_dropout": lambda i: 0.0,
+    "initializer_range": lambda i: i.config.init_method_std,
+    "use_cache": lambda i: True,
+    "bos_token_id": lambda i: None,
+    "eos_token_id": lambda i: None,
+}
+
+
+def hf_config(info: ModelInfo, model_type: str, architecture: str, keys=tuple(HF_KEYS), **extra) -> dict:
+    """``architectures``, ``model_type``, the shared ``keys`` from :data:`HF_KEYS`, then the
+    rule's own ``extra`` keys (which may override shared ones)."""
+    cfg = {"architectures": [architecture], "model_type": model_type}
+    cfg.update({k: HF_KEYS[k](info) for k in keys})
+    cfg.update(extra)
+    return cfg
+
+
 def llama_family_config(info: ModelInfo, model_type: str, architecture: str) -> dict:
     """Fields every Llama-family HF config shares, from ``TransformerConfig``."""
-    c, a = info.config, info.attrs
-    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
-    return {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "vocab_size": a["vocab_size"],
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.ffn_hidden_size,
-        "num_hidden_layers": info.num_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_query_groups or c.num_attention_heads,
-        "head_dim": head_dim,
-        "hidden_act": activation_name(c),
-        "max_position_embeddings": a["max_sequence_length"],
-        "rms_norm_eps": c.layernorm_epsilon,
-        "rope_theta": a["rotary_base"],
-        "tie_word_embeddings": a["tie_word_embeddings"],
-        "attention_bias": bool(c.add_qkv_bias or c.add_bias_linear),
-        "attention_dropout": 0.0,
-        "initializer_range": c.init_method_std,
-        "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
-    }
+    c = info.config
+    return hf_config(
+        info, model_type, architecture,
+        hidden_act=activation_name(c),
+        attention_bias=bool(c.add_qkv_bias or c.add_bias_linear),
+    )
 
 
 def require(cond: bool, msg: str) -> None:
@@ -207,8 +224,8 @@ def check_llama_family(info: ModelInfo, model_type: str, qk_norm: bool | None) -
     require(c.normalization == "RMSNorm", f"{model_type} needs RMSNorm, the model uses {c.normalization}")
     require(c.gated_linear_unit, f"{model_type} needs a gated MLP (gated_linear_unit=True)")
     require(activation_name(c) == "silu", f"{model_type} needs SiLU, the model uses {activation_name(c)}")
-    require(info.attrs["position_embedding_type"] == "rope", f"{model_type} needs rotary embeddings")
-    require(info.attrs["rotary_percent"] == 1.0, f"{model_type} needs rotary_percent=1.0")
+    require(info.attrs.position_embedding_type == "rope", f"{model_type} needs rotary embeddings")
+    require(info.attrs.rotary_percent == 1.0, f"{model_type} needs rotary_percent=1.0")
     require(not getattr(c, "multi_latent_attention", False), f"{model_type} has no multi-latent attention")
     if qk_norm is not None:
         require(

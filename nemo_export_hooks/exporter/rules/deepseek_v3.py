@@ -55,6 +55,7 @@ from .base import (
     check_shared_experts_multiple,
     check_sigmoid_router,
     require,
+    hf_config,
     sigmoid_router_config,
 )
 from .base import first_k_dense as _first_k_dense
@@ -111,7 +112,7 @@ def _check(info: ModelInfo) -> None:
     ng = c.num_query_groups
     require(ng in (None, c.num_attention_heads), f"{m} (MLA) has one kv head per query head; the model has num_query_groups={ng}")
     require(
-        a["position_embedding_type"] in ("rope", "none"),
+        a.position_embedding_type in ("rope", "none"),
         f"{m} applies RoPE inside MLA; the model has position_embedding_type={a['position_embedding_type']!r}",
     )
     require(not c.rotary_interleaved, f"{m} export needs rotary_interleaved=False (MLA de-interleaves the rope dims itself)")
@@ -137,7 +138,7 @@ def _check(info: ModelInfo) -> None:
 def _rope(info: ModelInfo) -> tuple[dict | None, int]:
     c, a = info.config, info.attrs
     if getattr(c, "rope_type", "yarn") == "rope":
-        return None, a["max_sequence_length"]
+        return None, a.max_sequence_length
     factor = float(c.rotary_scaling_factor)
     orig = int(c.original_max_position_embeddings)
     rs = {
@@ -156,41 +157,29 @@ def _rope(info: ModelInfo) -> tuple[dict | None, int]:
     hf = meg if (c.mscale and c.mscale_all_dim) else _yarn_mscale(factor, 1.0)
     if not math.isclose(meg, hf, rel_tol=0, abs_tol=1e-12):
         rs["attention_factor"] = float(meg)
-    return rs, max(a["max_sequence_length"], int(round(orig * factor)))
+    return rs, max(a.max_sequence_length, int(round(orig * factor)))
 
 
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
     rope_scaling, max_pos = _rope(info)
-    cfg = {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": a["vocab_size"],
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.ffn_hidden_size,
-        "num_hidden_layers": info.num_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_attention_heads,
-        "q_lora_rank": c.q_lora_rank,
-        "kv_lora_rank": c.kv_lora_rank,
-        "qk_nope_head_dim": c.qk_head_dim,
-        "qk_rope_head_dim": c.qk_pos_emb_head_dim,
-        "v_head_dim": c.v_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_pos,
-        "rms_norm_eps": c.layernorm_epsilon,
-        "rope_theta": float(c.rotary_base),  # MLA's own base, not GPTModel.rotary_base
-        "rope_scaling": rope_scaling,
-        "rope_interleave": True,
-        "tie_word_embeddings": a["tie_word_embeddings"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": c.init_method_std,
-        "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pretraining_tp": 1,
-    }
+    cfg = hf_config(
+        info, MODEL_TYPE, "DeepseekV3ForCausalLM",
+        num_key_value_heads=c.num_attention_heads,
+        q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank,
+        qk_nope_head_dim=c.qk_head_dim,
+        qk_rope_head_dim=c.qk_pos_emb_head_dim,
+        v_head_dim=c.v_head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_pos,
+        rope_theta=float(c.rotary_base),  # MLA's own base, not GPTModel.rotary_base
+        rope_scaling=rope_scaling,
+        rope_interleave=True,
+        attention_bias=False,
+        pretraining_tp=1,
+    )
+    cfg.pop("head_dim")  # MLA: per-part head dims above
     if info.moe_layers:
         cfg.update(
             first_k_dense_replace=first_k_dense(info),

@@ -78,11 +78,11 @@ def _check(info: ModelInfo) -> None:
     require(activation_name(c) == "silu", f"{m} needs SiLU, the model uses {activation_name(c)}")
     require(not getattr(c, "multi_latent_attention", False), f"{m} has no multi-latent attention")
     require(not c.add_bias_linear, f"{m} has biases only on q/k/v (add_qkv_bias), not on other linears (add_bias_linear=True)")
-    require(a["position_embedding_type"] == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
-    require(not a["rope_scaling"], f"{m} export has no rope scaling (the model uses rotary_scaling)")
+    require(a.position_embedding_type == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
+    require(not a.rope_scaling, f"{m} export has no rope scaling (the model uses rotary_scaling)")
     require(not c.rotary_interleaved, f"{m} rotates halves (rotate_half); the model has rotary_interleaved=True")
     head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
-    rot = int(head_dim * a["rotary_percent"])
+    rot = int(head_dim * a.rotary_percent)
     require(
         0 < rot <= head_dim and rot % 2 == 0,
         f"{m}: rotary_percent={a['rotary_percent']} of head dim {head_dim} gives {rot} rotary dims (needs an even count > 0)",
@@ -102,7 +102,7 @@ def _config(info: ModelInfo) -> dict:
     cfg.update(
         attention_bias=bool(c.add_qkv_bias),
         use_qk_norm=bool(c.qk_layernorm),
-        partial_rotary_factor=float(a["rotary_percent"]),
+        partial_rotary_factor=float(a.rotary_percent),
         rope_scaling=None,
         first_k_dense_replace=first_k_dense(info, MODEL_TYPE),
     )

@@ -28,7 +28,7 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
   ``TopKRouter`` with ``add_bias_linear`` has the bias and with ``moe_router_pre_softmax=False``
   routes the same way.
 * RoPE: HF rotates halves (``chunk(2)``), as Megatron without ``rotary_interleaved``.  Only
-  plain RoPE is exported (``rope_scaling: null``); released gpt-oss checkpoints use YaRN,
+  plain RoPE is exported (``rope_type: default``); released gpt-oss checkpoints use YaRN,
   which is refused here rather than guessed.
 """
 
@@ -38,7 +38,7 @@ import math
 
 from .. import mappings as mk
 from . import rule
-from .base import QKV, ArchRule, Entry, ModelInfo, R, require
+from .base import QKV, ArchRule, Entry, ModelInfo, R, hf_config, require
 
 MODEL_TYPE = "gpt_oss"
 ALPHA, LIMIT = 1.702, 7.0  # hard-wired in transformers' GptOssExperts
@@ -108,8 +108,8 @@ def _check(info: ModelInfo) -> None:
     require(bool(c.add_bias_linear), f"{m} has biases on every linear layer and the router (add_bias_linear=True)")
     require(getattr(c, "softmax_type", "vanilla") == "learnable",
             f"{m} attention has a learned sink per head (softmax_type='learnable'); the model has softmax_type={getattr(c, 'softmax_type', 'vanilla')!r}")
-    require(a["position_embedding_type"] == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
-    require(not a["rope_scaling"] and a["rotary_percent"] == 1.0,
+    require(a.position_embedding_type == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
+    require(not a.rope_scaling and a.rotary_percent == 1.0,
             f"{m} export supports plain RoPE on all head dims (no rope scaling, rotary_percent=1.0)")
     require(not c.rotary_interleaved, f"{m} rotates halves; the model has rotary_interleaved=True")
     head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
@@ -136,36 +136,26 @@ def _check(info: ModelInfo) -> None:
 
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
-    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
     windowed = _windowed(info)
     ws = getattr(c, "window_size", None)
-    return {
-        "architectures": ["GptOssForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": a["vocab_size"],
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.moe_ffn_hidden_size,
-        "num_hidden_layers": info.num_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_query_groups or c.num_attention_heads,
-        "head_dim": head_dim,
-        "num_local_experts": c.num_moe_experts,
-        "num_experts_per_tok": c.moe_router_topk,
-        "sliding_window": int(ws[0]) + 1 if ws else a["max_sequence_length"],
-        "layer_types": ["sliding_attention" if w else "full_attention" for w in windowed],
-        "rope_theta": a["rotary_base"],
-        "rope_scaling": None,
-        "max_position_embeddings": a["max_sequence_length"],
-        "rms_norm_eps": c.layernorm_epsilon,
-        "hidden_act": "silu",
-        "attention_bias": True,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": a["tie_word_embeddings"],
-        "initializer_range": c.init_method_std,
-        "router_aux_loss_coef": float(getattr(c, "moe_aux_loss_coeff", 0.0) or 0.0),
-        "output_router_logits": False,
-        "use_cache": True,
-    }
+    return hf_config(
+        info, MODEL_TYPE, "GptOssForCausalLM",
+        intermediate_size=c.moe_ffn_hidden_size,
+        num_local_experts=c.num_moe_experts,
+        num_experts_per_tok=c.moe_router_topk,
+        sliding_window=int(ws[0]) + 1 if ws else a.max_sequence_length,
+        layer_types=["sliding_attention" if w else "full_attention" for w in windowed],
+        # plain RoPE, said so explicitly: transformers 5 reads a missing rope_parameters as
+        # gpt-oss's YaRN (factor 32); transformers 4.57 reads rope_scaling
+        rope_scaling={"rope_type": "default"},
+        rope_parameters={"rope_type": "default", "rope_theta": a.rotary_base},
+        swiglu_alpha=ALPHA,  # transformers 5 reads these; 4.57 hard-wires the same values
+        swiglu_limit=LIMIT,
+        hidden_act="silu",
+        attention_bias=True,
+        router_aux_loss_coef=float(getattr(c, "moe_aux_loss_coeff", 0.0) or 0.0),
+        output_router_logits=False,
+    )
 
 
 GPT_OSS = rule(ArchRule(

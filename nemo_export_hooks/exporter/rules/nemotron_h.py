@@ -62,7 +62,7 @@ import torch
 
 from .. import mappings as mk
 from . import rule
-from .base import ArchMismatchError, ArchRule, Entry, ModelInfo, QKV, R, activation_name, check_sigmoid_router, require
+from .base import ArchMismatchError, ArchRule, Entry, ModelInfo, QKV, R, activation_name, check_sigmoid_router, hf_config, require
 
 MODEL_TYPE = "nemotron_h"
 HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
@@ -118,7 +118,7 @@ def per_rank_parts_rows(sizes: list[int], tp: int) -> torch.Tensor:
 
 
 def _mamba(info: ModelInfo) -> dict:
-    m = info.attrs.get("mamba")
+    m = info.attrs.get("mamba")  # a ModelAttrs, or a plain dict (tests)
     if not m:
         raise ArchMismatchError("the model has Mamba tensors but no Mamba layers in its hybrid pattern")
     return m
@@ -200,7 +200,7 @@ def _check(info: ModelInfo) -> None:
         f"{m} adds each layer's input (before its norm) to the residual; the model has apply_residual_connection_post_layernorm=True",
     )
     require(
-        a["position_embedding_type"] == "none",
+        a.position_embedding_type == "none",
         f"{m} has no position embeddings (its attention has no rotary embedding); "
         f"the model has position_embedding_type={a['position_embedding_type']!r}",
     )
@@ -211,7 +211,7 @@ def _check(info: ModelInfo) -> None:
         kv = c.kv_channels or c.hidden_size // c.num_attention_heads
         require(sm is None or math.isclose(sm, kv ** -0.5), f"{m} scales attention by 1/sqrt(head_dim); the model has softmax_scale={sm}")
     if "M" in types:
-        d = a["mamba"]
+        d = a.mamba
         require(d["rmsnorm"] and not d["norm_before_gate"], f"{m} Mamba mixers apply a gated RMSNorm after the gate (rmsnorm=True, norm_before_gate=False)")
         require(not d["D_has_hdim"], f"{m} has one D per Mamba head; the model has D_has_hdim=True")
         require(d["nheads"] % d["ngroups"] == 0, f"{m}: {d['nheads']} Mamba heads do not split into {d['ngroups']} groups")
@@ -230,40 +230,28 @@ def _check(info: ModelInfo) -> None:
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
     types = info.layer_types
-    head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
-    cfg = {
-        "architectures": ["NemotronHForCausalLM"],
-        "model_type": MODEL_TYPE,
-        "vocab_size": a["vocab_size"],
-        "hidden_size": c.hidden_size,
-        "layers_block_type": [HF_LAYER_TYPES[t] for t in types],
+    cfg = hf_config(
+        info, MODEL_TYPE, "NemotronHForCausalLM",
+        keys=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+              "attention_dropout", "initializer_range", "use_cache", "bos_token_id", "eos_token_id"),
+        num_hidden_layers=len(types),
+        layers_block_type=[HF_LAYER_TYPES[t] for t in types],
         # the same pattern in the older spelling (remote-code readers, transformers < 5)
-        "hybrid_override_pattern": "".join(types),
-        "num_hidden_layers": len(types),
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_query_groups or c.num_attention_heads,
-        "head_dim": head_dim,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "sliding_window": None,
-        "max_position_embeddings": a["max_sequence_length"],
-        "intermediate_size": c.ffn_hidden_size,
-        "mlp_hidden_act": activation_name(c),
-        "mlp_bias": False,
-        "use_bias": False,
-        "layer_norm_epsilon": c.layernorm_epsilon,
-        "residual_in_fp32": bool(getattr(c, "fp32_residual_connection", False)),
-        "hidden_dropout": 0.0,
-        "tie_word_embeddings": a["tie_word_embeddings"],
-        "initializer_range": c.init_method_std,
-        "use_cache": True,
-        "num_logits_to_keep": 1,
-        "num_nextn_predict_layers": 0,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-    }
-    d = a.get("mamba")
+        hybrid_override_pattern="".join(types),
+        attention_bias=False,
+        sliding_window=None,
+        mlp_hidden_act=activation_name(c),
+        mlp_bias=False,
+        use_bias=False,
+        layer_norm_epsilon=c.layernorm_epsilon,
+        residual_in_fp32=bool(getattr(c, "fp32_residual_connection", False)),
+        hidden_dropout=0.0,
+        num_logits_to_keep=1,
+        num_nextn_predict_layers=0,
+        pad_token_id=None,
+    )
+    d = a.mamba
     if d:
         cfg.update(
             mamba_num_heads=d["nheads"],
