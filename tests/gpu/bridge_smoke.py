@@ -46,7 +46,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 ITERS, SAVE_EVERY, SEQ, VOCAB, SEED = 6, 2, 64, 256, 1234
-TOL = 5e-3  # fp32 Megatron (TE) vs fp32 transformers, max |logit difference|
+# fp32 Megatron (TE) vs fp32 transformers: max |logit difference| <= TOL_REL * max |Megatron logit|.
+# The check worker runs with NVIDIA_TF32_OVERRIDE=0 (cuBLAS, hence TE's GEMMs too, in true fp32) and
+# torch's TF32 off: on 2026-12-01 the diffs were 9.7e-4 at init and 5.6e-3 / 7.0e-3 after training,
+# above a fixed 5e-3 while the bytes were exact; an absolute bound grows with the logits, TF32's
+# 10-bit mantissa (~1e-3 relative) would explain them, and true fp32 should sit near 1e-5 relative.
+TOL_REL = 1e-4
+TOL = TOL_REL  # reported in the json as before
 RUNS = {"ours_sync": (False, "ours"), "ours_async": (True, "ours"), "baseline": (False, None),
         "bridge_hf": (False, "bridge")}  # name: (async_save, who exports)
 ORDER = ["ours_sync", "ours_async", "check", "baseline", "bridge_hf"]  # key checks first
@@ -264,6 +270,9 @@ def _byte_diff(a: dict, b: dict) -> list[str]:
 
 def check_worker(work: Path) -> dict:
     import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # NVIDIA_TF32_OVERRIDE=0 is set by the driver
+    torch.backends.cudnn.allow_tf32 = False
     from transformers import AutoModelForCausalLM
 
     from nemo_export_hooks import export_to_hf
@@ -310,8 +319,12 @@ def check_worker(work: Path) -> dict:
                     ml = model(ids, pos, attention_mask=None).float()
                     hl = hf.cuda().eval()(input_ids=ids).logits.float()
                 row["max_logit_diff"] = float((ml - hl).abs().max())
-                if not row["max_logit_diff"] <= TOL:
-                    p.append(f"logits: max |Megatron - HF| {row['max_logit_diff']:.3g} > {TOL}")
+                row["max_abs_logit"] = float(ml.abs().max())
+                row["rel_logit_diff"] = row["max_logit_diff"] / max(row["max_abs_logit"], 1e-30)
+                row["argmax_agree"] = float((ml.argmax(-1) == hl.argmax(-1)).float().mean())
+                if not row["rel_logit_diff"] <= TOL_REL:
+                    p.append(f"logits: max |Megatron - HF| {row['max_logit_diff']:.3g} = {row['rel_logit_diff']:.3g} "
+                             f"of max |logit| {row['max_abs_logit']:.3g} > {TOL_REL} (TF32 off)")
                 del model, hf
                 torch.cuda.empty_cache()
             except Exception as ex:  # noqa: BLE001 - one export's failure is reported, the others still run
@@ -332,6 +345,8 @@ def _free_port() -> int:
 def _spawn(name: str, work: Path, out: Path, timeout: float, extra: list[str]) -> dict:
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if name == "check":  # true fp32 GEMMs (cuBLAS reads this at load): the logits check compares fp32 with fp32
+        env["NVIDIA_TF32_OVERRIDE"] = "0"
     log = out / f"bridge_{name}.log"
     t0 = time.perf_counter()
     with log.open("w") as f:
@@ -438,11 +453,13 @@ def driver(args) -> int:
         problems += [f"{row['run']} iter {row.get('step')}: {p}" for p in row.get("problems", [])]
     if "bridge_hf" in res and "saves" in res["bridge_hf"] and not res["bridge_hf"].get("bridge_hf_dirs"):
         problems.append("bridge_hf: no iter_*/hf written by also_save_hf_checkpoint")
-    print("\n== checks (a) verify + transformers load, (b) bytes vs checkpoint reloaded, (c) logits, tol %g" % TOL)
+    print("\n== checks (a) verify + transformers load, (b) bytes vs checkpoint reloaded, (c) logits, "
+          "max |diff| <= %g of max |logit|, TF32 off" % TOL_REL)
     for row in res.get("check", {}).get("rows", []):
         print(f"{row['run']:>10} iter {row.get('step')}: ok={row['ok']} tensors={row.get('tensors')} "
               f"byte_equal={row.get('byte_equal')} changed_vs_prev={row.get('tensors_changed_since_previous')} "
-              f"max_logit_diff={row.get('max_logit_diff')} reload={str(row.get('reload'))[:60]}")
+              f"max_logit_diff={row.get('max_logit_diff')} rel={row.get('rel_logit_diff')} "
+              f"argmax_agree={row.get('argmax_agree')} reload={str(row.get('reload'))[:60]}")
     print(f"async_save: on_checkpoint_save fired after training moved on for {len(late)} checkpoint(s): {late}")
     print("\n== (d) training-thread time per checkpoint save")
     print("\n".join(timing_table(res)))
@@ -451,7 +468,7 @@ def driver(args) -> int:
     write_json(out / "bridge_smoke.json", res)
     print("\n".join(["", "PROBLEMS:"] + problems) if problems else "\nALL CHECKS PASSED")
     line = {"ok": res["ok"], "problems": len(problems), "versions": res.get("ours_sync", {}).get("versions"),
-            "checks": [(r["run"], r.get("step"), r["ok"], r.get("max_logit_diff")) for r in res.get("check", {}).get("rows", [])]}
+            "checks": [(r["run"], r.get("step"), r["ok"], r.get("max_logit_diff"), r.get("rel_logit_diff")) for r in res.get("check", {}).get("rows", [])]}
     print("BRIDGE-SMOKE " + json.dumps(line, default=str), flush=True)
     return 0 if res["ok"] else 1
 
