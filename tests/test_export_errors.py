@@ -178,6 +178,19 @@ def test_structural_override_checked_at_callback_setup(mcore):
         prepare_export(m, "qwen3_moe", hf_config_overrides={"vocab_size": 7}, check_hf_keys=True)
 
 
+def test_name_check_beside_the_write_refuses_before_publishing(mcore, tmp_path):
+    """export_to_hf compares with the transformers class on a thread while the parts are
+    written (issue 17: the first export no longer waits for the meta-device build); a mismatch
+    raises the same ValueError, and neither the export nor its staging directory remains."""
+    m = build_gpt(TinySpec())
+    out = tmp_path / "hf"
+    with pytest.raises(ValueError, match=r"vocab_size=7 \(the model has 128\)"):
+        export_to_hf(m, out, arch="qwen3_moe", hf_config_overrides={"vocab_size": 7})
+    assert not out.exists() and _no_staging(tmp_path)
+    res = export_to_hf(m, out, arch="qwen3_moe")  # the same directory is free for a good export
+    assert set(res.phases) == {"prepare_s", "write_s", "commit_s"} and all(v >= 0 for v in res.phases.values())
+
+
 # -- the output path is checked before writing; I/O errors name the file (issue 15, item 5)
 def _no_staging(tmp_path):
     return not [p for p in tmp_path.iterdir() if ".staging-" in p.name]

@@ -23,7 +23,7 @@ import torch
 
 from . import parallel
 from .execute import run_jobs
-from .hf_config import build_hf_config, expected_hf_shapes, generation_config
+from .hf_config import build_hf_config, expected_hf_shapes, generation_config, hf_model_class
 from .plan import QUANT_SUFFIXES, ExportPlan, build_plan
 from .rules import get_rule
 from .source import unwrap_model
@@ -56,6 +56,9 @@ class ExportResult:
     seconds: float
     files: list[str] = field(default_factory=list)
     quant_algo: Optional[str] = None
+    # seconds per phase: prepare (plan, checks; export_to_hf only), write (convert, copy to
+    # the host, write + fsync the parts), commit (index, config, manifest, publish)
+    phases: dict = field(default_factory=dict)
 
     @property
     def gb_per_s(self) -> float:
@@ -188,13 +191,64 @@ def _check_names(plan: ExportPlan, hf_config: dict) -> None:
     zero unexpected, every shape equal, or raise on every rank.  A mismatch names the
     overrides that differ from the model's own values: ``transformers`` would refuse such a
     checkpoint with size mismatches, or load it with weights left random."""
-    problem = None
+    problem = NameCheck(plan, hf_config, background=False).result()
+    if problem:
+        raise ValueError(problem)
+
+
+class NameCheck:
+    """The HF-name check of :func:`_check_names`, optionally on a thread of rank 0.
+
+    Building the HF class on the meta device takes seconds for a large MoE (about 2 s for
+    4,719 tensors on the H200 host, 7 s on a 2-core CPU) and is cached per config, so it
+    slowed only the first export of a process; :func:`export_to_hf` runs it beside the
+    write (``background=True``) and refuses before publishing.  The constructor gathers the
+    planned names (a collective); :meth:`result` broadcasts rank 0's verdict (a collective)."""
+
+    def __init__(self, plan: ExportPlan, hf_config: dict, background: bool):
+        import threading
+
+        self.problem: Optional[str] = None
+        self._thread = None
+        problem = None
+        try:
+            shapes = _planned_shapes(plan)
+        except Exception as e:  # reported to every rank by result()
+            shapes, problem = [], f"cannot compute the exported shapes: {type(e).__name__}: {e}"
+        all_shapes = parallel.gather_objects((shapes, problem))
+        if all_shapes is None or parallel.current_layout().world_rank != 0:
+            return
+        if background:  # import the class here: transformers' lazy imports are not thread-safe
+            try:
+                hf_model_class(hf_config)
+            except Exception:  # noqa: BLE001 - run() reports it
+                pass
+            try:
+                from .hf_config import _no_init_weights
+
+                _no_init_weights()  # its imports (the thread enters a fresh one)
+                import transformers.core_model_loading  # noqa: F401
+            except ImportError:
+                pass
+
+        def run():
+            self.problem = _names_problem(all_shapes, plan, hf_config)
+
+        if background:
+            self._thread = threading.Thread(target=run, daemon=True, name="hf-name-check")
+            self._thread.start()
+        else:
+            run()
+
+    def result(self) -> Optional[str]:
+        if self._thread is not None:
+            self._thread.join()
+        return parallel.broadcast_object(self.problem)
+
+
+def _names_problem(all_shapes: list, plan: ExportPlan, hf_config: dict) -> Optional[str]:
+    """Rank 0: the first problem of the gathered ``(shapes, problem)`` per rank, or None."""
     try:
-        shapes = _planned_shapes(plan)
-    except Exception as e:  # reported to every rank below
-        shapes, problem = [], f"cannot compute the exported shapes: {type(e).__name__}: {e}"
-    all_shapes = parallel.gather_objects((shapes, problem))
-    if all_shapes is not None and parallel.current_layout().world_rank == 0:
         problem = next((p for _, p in all_shapes if p), None)
         ours: dict[str, tuple] = {}
         dup = set()
@@ -203,19 +257,19 @@ def _check_names(plan: ExportPlan, hf_config: dict) -> None:
                 if n in ours:
                     dup.add(n)
                 ours[n] = tuple(shape)
-        expected = None
-        if problem is None:
-            try:
-                expected = expected_hf_shapes(hf_config)
-            except Exception as e:  # reported to every rank below: raising here would strand them
-                problem = f"cannot list the HF keys of {hf_config.get('architectures')}: {type(e).__name__}: {e}"
-        if problem is None and dup:
-            problem = f"several tensors map to the same HF names: {sorted(dup)[:5]}"
-        elif problem is None and expected is not None:
-            problem = _names_shapes_problem(ours, expected, hf_config, _overridden(plan, hf_config))
-    problem = parallel.broadcast_object(problem)
-    if problem:
-        raise ValueError(problem)
+        if problem is not None:
+            return problem
+        try:
+            expected = expected_hf_shapes(hf_config)
+        except Exception as e:  # reported to every rank: raising here would strand them
+            return f"cannot list the HF keys of {hf_config.get('architectures')}: {type(e).__name__}: {e}"
+        if dup:
+            return f"several tensors map to the same HF names: {sorted(dup)[:5]}"
+        if expected is not None:
+            return _names_shapes_problem(ours, expected, hf_config, _overridden(plan, hf_config))
+        return None
+    except Exception as e:  # noqa: BLE001 - a thread must hand back, not die
+        return f"HF name check failed: {type(e).__name__}: {e}"
 
 
 def _planned_shapes(plan: ExportPlan) -> list[tuple[str, tuple]]:
@@ -282,17 +336,26 @@ def export_to_hf(
     max_shard_size: Union[str, int] = "5GB",
     overwrite: bool = False,
     manifest_extra: Optional[dict] = None,
+    writers: Optional[int] = None,
 ) -> ExportResult:
     """Export a Megatron-Core model to a Hugging Face checkpoint directory ``out_dir``.
 
     A collective: every rank calls it with the same arguments; each rank writes only the
     tensors it owns.  ``out_dir`` appears atomically (staging directory + rename); it must
-    not exist unless ``overwrite=True`` and it holds an earlier export.
+    not exist unless ``overwrite=True`` and it holds an earlier export.  ``writers``:
+    parallel part files (and threads) per rank, default :func:`writer.default_writers`.
+    A model that does not fit ``arch`` raises ``ValueError`` before any tensor is
+    converted, except for the comparison with the ``transformers`` class (names and
+    shapes), which runs beside the write and raises before publishing.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    prepared = prepare_export(model, arch, dtype, hf_config_overrides)
-    return write_prepared(prepared, prepared.tensors(), out_dir, tokenizer, max_shard_size, overwrite, manifest_extra, t0=t0)
+    # The HF-name check (rank 0 builds the HF class on the meta device) runs beside the write
+    # and refuses before anything is published; every other check has raised by now.
+    prepared = prepare_export(model, arch, dtype, hf_config_overrides, check_hf_keys=False)
+    names = NameCheck(prepared.plan, prepared.hf_config, background=True)
+    return write_prepared(prepared, prepared.tensors(), out_dir, tokenizer, max_shard_size, overwrite, manifest_extra,
+                          t0=t0, writers=writers, name_check=names, prepare_s=time.perf_counter() - t0)
 
 
 def write_prepared(
@@ -307,16 +370,20 @@ def write_prepared(
     group: Any = None,
     log_level: int = logging.INFO,
     writers: Optional[int] = None,
+    name_check: Optional["NameCheck"] = None,
+    prepare_s: Optional[float] = None,
 ) -> ExportResult:
     """Stream ``tensors`` into shards, commit on rank 0 and publish ``out_dir``.  Collective
     over ``group`` (default: the world); a background writer passes a group of its own.
     ``tensors`` may be a generator that gathers (sync) or a host snapshot (async; released
     once written).  ``writers``: parallel part files (and threads) per rank; default
-    :func:`default_writers`."""
+    :func:`default_writers`.  ``name_check``: a :class:`NameCheck` running beside the
+    write (world group only); its problem raises ``ValueError`` before publishing."""
     from ..publish import make_staging_dir, publish, write_manifest
     from .writer import STREAM_INFLIGHT_BYTES, ShardWriter, default_writers, final_shard_names, finalize_shards, parse_size
 
     t0 = time.perf_counter() if t0 is None else t0
+    t_write = time.perf_counter()
     out_dir = Path(out_dir)
     layout = prepared.plan.layout
     rank0 = layout.world_rank == 0
@@ -375,6 +442,13 @@ def write_prepared(
     finally:
         if in_memory:
             tensors.release()  # nothing reads the snapshot any more: its buffer serves the next export
+    t_commit = time.perf_counter()
+    if name_check is not None:
+        problem = name_check.result()  # a collective, reached by every rank (the loop above drains)
+        if problem:
+            if rank0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise ValueError(problem)
     try:
         parallel.all_ok(ok, message, group=group)
     except Exception:
@@ -423,10 +497,14 @@ def write_prepared(
     if result_or_err[0] == "error":
         raise RuntimeError(f"HF export to {out_dir} failed on rank 0: {result_or_err[1]}")
     _, n, total, files = result_or_err
-    seconds = time.perf_counter() - t0
-    res = ExportResult(out_dir, n, total, seconds, files, prepared.quant_algo)
+    end = time.perf_counter()
+    seconds = end - t0
+    phases = {"prepare_s": prepare_s, "write_s": t_commit - t_write, "commit_s": end - t_commit}
+    res = ExportResult(out_dir, n, total, seconds, files, prepared.quant_algo,
+                       {k: round(v, 4) for k, v in phases.items() if v is not None})
     if rank0:
-        log.log(log_level, "HF export %s: %d tensors, %.3f GB in %.2f s (%.2f GB/s)", out_dir, n, total / 1e9, seconds, res.gb_per_s)
+        log.log(log_level, "HF export %s: %d tensors, %.3f GB in %.2f s (%.2f GB/s; %s)", out_dir, n, total / 1e9, seconds,
+                res.gb_per_s, ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in res.phases.items()))
     return res
 
 

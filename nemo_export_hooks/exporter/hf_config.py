@@ -162,9 +162,11 @@ def expected_hf_shapes(cfg: dict) -> Optional[dict[str, tuple]]:
     return None if shapes is None else dict(shapes)
 
 
-@functools.lru_cache(maxsize=8)
-def _expected_hf_shapes(cfg_json: str) -> tuple:
-    cfg = json.loads(cfg_json)
+def hf_model_class(cfg: dict):
+    """The ``transformers`` class named by ``cfg["architectures"]`` (None if transformers is
+    missing); ``ValueError`` if transformers has no such class.  Importing it is not safe
+    beside another thread's imports (transformers' lazy modules): call it on the thread that
+    imports, before handing the build to another (``api.NameCheck`` does)."""
     try:
         import transformers
     except ImportError:  # pragma: no cover - optional dependency
@@ -173,6 +175,18 @@ def _expected_hf_shapes(cfg_json: str) -> tuple:
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     if not isinstance(cls, type):
         raise ValueError(f"transformers {transformers.__version__} has no model class {arch!r} (architectures in config.json)")
+    transformers.AutoConfig.for_model(cfg["model_type"])  # imports the config class too
+    return cls
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_hf_shapes(cfg_json: str) -> tuple:
+    cfg = json.loads(cfg_json)
+    cls = hf_model_class(cfg)
+    if cls is None:  # pragma: no cover - optional dependency
+        return None
+    import transformers
+
     c = {k: v for k, v in cfg.items() if k not in ("quantization_config", "architectures", "model_type")}
     config = transformers.AutoConfig.for_model(cfg["model_type"], **c)
     config.architectures = cfg.get("architectures")
