@@ -11,9 +11,11 @@ root=$(git rev-parse --show-toplevel)
 cd "$root"
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 mkdir -p .gpu/vdl
-plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
-      --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
-      --platform manylinux2014_x86_64 --platform any)
+# the device has glibc 2.39: newer manylinux tags too (llguidance 1.7.6 ships manylinux_2_3x only)
+plat=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none)
+for p in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2_24 \
+         manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1; do plat+=(--platform ${p}_x86_64); done
+plat+=(--platform any)
 grep -v '^#' tests/gpu/vllm-0.26.0-stage.txt | sed 's/ *#.*//' | grep . > .gpu/vdl/req.txt
 python3 -m pip download -q --no-deps "${plat[@]}" -d .gpu/vdl -r .gpu/vdl/req.txt
 # every file cut into 45 MB pieces, pieces dealt into folders of at most 45 MB
