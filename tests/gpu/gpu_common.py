@@ -147,6 +147,7 @@ def build_te_gpt(spec, dtype: torch.dtype = torch.float32, seed: int = 1234, ran
         share_embeddings_and_output_weights=spec.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=spec.rotary_base,
+        rotary_percent=spec.rotary_percent,
     ).cuda()
     if randomise_norms:
         randomise_norms_(model, seed)

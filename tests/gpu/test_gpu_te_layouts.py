@@ -6,7 +6,8 @@ exactly the names ``save_pretrained`` writes for the class.
 
 Cases: llama, llama with tied embeddings, qwen3 dense, qwen2 with QKV bias, qwen3_moe with a
 dense first layer (``get_gpt_decoder_block_spec``), deepseek_v3 with MLA, and ``SequentialMLP``
-experts made of TE linears (``moe_grouped_gemm=False``) for qwen3_moe and mixtral -- the layout
+experts made of TE linears (``moe_grouped_gemm=False``) for qwen3_moe and mixtral, glm4_moe and
+gpt_oss (issue 14) with TEGroupedMLP -- the SequentialMLP-on-TE layout
 whose TE no-bias placeholder (``bias`` of shape ``(0,)``) the exporter once exported as
 ``*.bias``.  (TEGroupedMLP qwen3_moe / mixtral: ``test_gpu_te_moe.py``; the quantized
 SequentialMLP-on-TE case: ``test_gpu_quant.py``.)
@@ -36,6 +37,24 @@ DS = dict(num_layers=3, moe_layer_freq=[0, 1, 1], num_attention_heads=4, num_que
           moe_shared_expert_intermediate_size=128, qk_layernorm=True, multi_latent_attention=True, mla=MLA,
           rotary_base=10000.0)
 
+# GLM-4.5 MoE in miniature (tests/test_glm4_moe.py's shape): first layer dense, GQA with QKV bias
+# and qk-norm, half the head dims rotated, sigmoid router with expert bias, a shared expert.
+GLM = dict(num_layers=3, moe_layer_freq=[0, 1, 1], num_experts=8, moe_router_topk=4, moe_router_num_groups=4,
+           moe_router_group_topk=2, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+           moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=128, qk_layernorm=True,
+           add_qkv_bias=True, rotary_percent=0.5, rotary_base=10000.0)
+
+
+def _oss():
+    """gpt-oss in miniature (tests/test_gpt_oss.py's shape): learnable attention sinks, biases,
+    the clamped, offset SwiGLU, a sliding window on every other layer."""
+    from megatron.core.activations import quick_gelu
+
+    return dict(num_layers=3, qk_layernorm=False, add_qkv_bias=True, add_bias_linear=True, rotary_base=10000.0,
+                extra=dict(init_method_std=0.2, softmax_type="learnable", window_size=(3, 0), window_attn_skip_freq=2,
+                           activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=7.0))
+
+
 # id -> (arch, TinySpec overrides for G.tiny_spec, grouped experts?, expected experts type)
 CASES = {
     "llama": ("llama", {}, None, "dense"),
@@ -47,7 +66,20 @@ CASES = {
     "deepseek_v3-mla": ("deepseek_v3", DS, True, "TEGroupedMLP"),
     "qwen3_moe-te-sequential": ("qwen3_moe", {}, False, "SequentialMLP"),
     "mixtral-te-sequential": ("mixtral", {}, False, "SequentialMLP"),
+    "glm4_moe": ("glm4_moe", GLM, True, "TEGroupedMLP"),
+    "gpt_oss": ("gpt_oss", "oss", True, "TEGroupedMLP"),
 }
+
+
+def _give_sinks_values(model) -> None:
+    """Megatron creates the sinks (``softmax_offset``) with torch.empty: random values, so the
+    comparison sees them."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            off = getattr(layer.self_attention.core_attention, "softmax_offset", None)
+            if off is not None:
+                off.copy_(torch.randn(off.shape, generator=g, device=off.device, dtype=off.dtype))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,8 +106,10 @@ def _te_no_bias_state(model) -> dict:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_te_layout_fp32_logits(case, tmp_path, request):
     arch, kw, grouped, want_experts = CASES[case]
-    spec = G.tiny_spec(arch, **kw)
+    spec = G.tiny_spec(arch, **(_oss() if kw == "oss" else kw))
     model = G.build_te_gpt(spec, torch.float32, grouped=grouped)
+    if arch == "gpt_oss":
+        _give_sinks_values(model)
     assert G.experts_type(model) == want_experts, G.experts_type(model)
     if case == "qwen3_moe-dense-first":
         assert not hasattr(model.decoder.layers[0].mlp, "experts") and hasattr(model.decoder.layers[1].mlp, "experts")
