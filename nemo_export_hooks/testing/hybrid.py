@@ -154,6 +154,51 @@ class TELinearStandIn(torch.nn.Module):
         return F.linear(x, self.weight, self.bias), None
 
 
+class TENormStandIn(torch.nn.Module):
+    """Transformer Engine's ``RMSNorm`` as Megatron's ``TENorm`` builds it, in torch: state
+    ``weight`` ``[hidden]``; with ``config.layernorm_zero_centered_gamma`` TE stores ``gamma - 1``
+    (initialised to zeros) and computes ``x_hat * (1 + weight)``, else ``x_hat * weight``.
+    Megatron's local norms refuse zero-centred gamma (``WrappedTorchNorm`` asserts it off), so a
+    CPU model with zero-centred norms needs this stand-in wherever the TE spec has a ``TENorm``
+    (or a norm fused into ``TELayerNormColumnParallelLinear``)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        assert config.normalization == "RMSNorm", config.normalization
+        self.eps = eps
+        self.zero_centered_gamma = bool(config.layernorm_zero_centered_gamma)
+        init = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + 1 if self.zero_centered_gamma else self.weight.float()
+        return (h * w).to(x.dtype)
+
+
+def fla_l2norm_standin(x: torch.Tensor, eps: float = 1e-6, output_dtype=None) -> torch.Tensor:
+    """``fla.modules.l2norm.l2norm`` (a Triton kernel) in torch: ``x * rsqrt(sum(x^2) + eps)``
+    over the last dim, in float32."""
+    h = x.float()
+    y = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps)
+    return y.to(output_dtype or x.dtype)
+
+
+def install_gdn_cpu_standins() -> None:
+    """What megatron-core 0.19's ``GatedDeltaNet`` takes from ``fla`` (flash-linear-attention,
+    Triton kernels only): the import flag ``HAVE_FLA`` its constructor checks, and ``l2norm``,
+    which its forward applies to q and k.  fla's other two kernels are not needed: with
+    ``deterministic_mode=True`` the layer runs megatron-core's own torch paths (``F.conv1d`` and
+    ``torch_chunk_gated_delta_rule``).  Installed for the process (idempotent); a real fla is
+    left alone."""
+    from megatron.core.ssm.gated_delta_net import common
+
+    if not common.HAVE_FLA:
+        common.HAVE_FLA = True
+        common.l2norm = fla_l2norm_standin
+
+
 def _local_norm_cls():
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -161,8 +206,9 @@ def _local_norm_cls():
 
 
 @contextlib.contextmanager
-def _construction_standins() -> Iterator[None]:
-    """Patch the module globals listed in the module docstring, and restore them."""
+def _construction_standins(final_norm=None) -> Iterator[None]:
+    """Patch the module globals listed in the module docstring, and restore them
+    (``final_norm``: the class standing in for the stack's ``TENorm``, default the local norm)."""
     from megatron.core.ssm.mamba_block import MambaStack
     from megatron.core.transformer.moe import moe_layer
 
@@ -179,7 +225,7 @@ def _construction_standins() -> Iterator[None]:
         (mixer, "HAVE_EINOPS", True),
         (mcp, "HAVE_EINOPS", True),
         (mixer, "ExtendedRMSNorm", GatedRMSNormStandIn),
-        (mamba_block, "TENorm", _local_norm_cls()),
+        (mamba_block, "TENorm", final_norm or _local_norm_cls()),
     ]
     if not getattr(moe_layer, "HAVE_TE", False):
         patches += [(moe_layer, "HAVE_TE", True), (moe_layer, "TELinear", TELinearStandIn)]
@@ -203,12 +249,18 @@ def _construction_standins() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = False):
+def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = False, norm=None, gdn: bool = False):
     """``MambaStackSubmodules`` of ``mamba_stack_spec`` with local modules (see module doc).
 
     ``qk_layernorm``: attention layers get local q/k norms (``self_attention.q_layernorm`` /
     ``k_layernorm``), as ``get_gpt_layer_local_spec`` gives them; megatron-core >= 0.19 refuses
-    ``qk_layernorm=True`` without them instead of falling back to ``TENorm``."""
+    ``qk_layernorm=True`` without them instead of falling back to ``TENorm``.
+
+    ``norm``: the class of every norm (default the local ``WrappedTorchNorm``;
+    :class:`TENormStandIn` for zero-centred norms).  ``gdn``: add megatron-core 0.19's Gated
+    DeltaNet layer (symbol ``G``), built like ``hybrid_stack_spec.gdn_layer`` -- a
+    ``TransformerLayer`` whose ``self_attention`` is ``GatedDeltaNet`` -- with local linears and
+    the pre-norm separate (``input_layernorm``) instead of fused into ``in_proj``."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -228,7 +280,7 @@ def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = Fals
         MoETransformerLayer = TransformerLayer
 
     mixer_mod = import_mamba_mixer()
-    norm = _local_norm_cls()
+    norm = norm or _local_norm_cls()
     qk_norms = dict(q_layernorm=norm, k_layernorm=norm) if qk_layernorm else {}
     moe_layer = None
     if num_experts:
@@ -280,6 +332,20 @@ def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = Fals
     )
     if moe_layer is not None:
         sub.moe_layer = moe_layer
+    if gdn:
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+
+        sub.gdn_layer = ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                input_layernorm=norm,
+                self_attention=ModuleSpec(
+                    module=GatedDeltaNet,
+                    submodules=GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear),
+                ),
+                self_attn_bda=get_bias_dropout_add,
+            ),
+        )
     return ModuleSpec(module=MambaStack, submodules=sub)
 
 
@@ -350,16 +416,25 @@ def build_hybrid(spec: TinySpec, pattern: str, seed: int = 1234, position_embedd
     """Build megatron-core 0.19's ``HybridModel`` (the successor of the deprecated ``GPTModel``)
     with ``hybrid_layer_pattern=pattern`` from the local stack spec, on CPU; a transformer is
     the pattern ``*E*E...`` / ``*-*-...`` (attention and MLP/MoE as separate layers).  Parallel
-    state must be initialised."""
+    state must be initialised.
+
+    Gated DeltaNet layers (``G``, a Qwen3-Next is ``GEGEGE*E...``) get the fla stand-ins
+    (:func:`install_gdn_cpu_standins`; pass ``deterministic_mode=True`` to run them on CPU), and
+    ``layernorm_zero_centered_gamma=True`` gets :class:`TENormStandIn` for every norm.  The
+    spec's ``rotary_percent`` is the model's (partial rotary embeddings)."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     apply_cpu_shims()
     # a hybrid stack's num_layers counts its pattern's layers (attention and MoE separately)
     config_overrides.setdefault("num_layers", len(pattern.split("/")[0].replace("|", "")))
     cfg = transformer_config(spec, **config_overrides)
-    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm)
+    norm = TENormStandIn if cfg.layernorm_zero_centered_gamma else None
+    gdn = "G" in pattern
+    if gdn:
+        install_gdn_cpu_standins()
+    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm, norm=norm, gdn=gdn)
     torch.manual_seed(seed)
-    with _construction_standins():
+    with _construction_standins(final_norm=norm):
         model = HybridModel(
             config=cfg,
             hybrid_stack_spec=stack,
@@ -369,6 +444,7 @@ def build_hybrid(spec: TinySpec, pattern: str, seed: int = 1234, position_embedd
             share_embeddings_and_output_weights=spec.tie_embeddings,
             position_embedding_type=position_embedding_type,
             rotary_base=int(spec.rotary_base),
+            rotary_percent=spec.rotary_percent,
         )
     _randomise_norms_and_biases(model, seed)
     return model
