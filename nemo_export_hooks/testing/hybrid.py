@@ -30,6 +30,12 @@ path, which never imports this module):
 * ``TELinear`` (``MoELayer``'s latent projections ``fc1_latent_proj`` / ``fc2_latent_proj``, which
   megatron-core 0.16 builds only with TE, ``parallel_mode="duplicated"``): :class:`TELinearStandIn`,
   same state names (``weight``, ``bias``), not tensor-parallel, same function.
+* ``TENorm`` with ``layernorm_zero_centered_gamma`` (Qwen3-Next): :class:`TENormStandIn`, TE's
+  state (``weight``, zeros-initialised) and function (``x_hat * (1 + weight)``); Megatron's local
+  norms refuse zero-centred gamma.
+* ``fla`` (Gated DeltaNet, megatron-core 0.19; Triton only): the ``HAVE_FLA`` flag and ``l2norm``
+  (:func:`install_gdn_cpu_standins`).  The layer's conv and delta rule are megatron-core's own
+  torch code (``deterministic_mode=True``), so its forward is Megatron's.
 """
 
 from __future__ import annotations
@@ -489,13 +495,15 @@ def copy_gpt_into_hybrid(gpt, hybrid) -> None:
 class LayerNormLinearStandIn(torch.nn.Module):
     """State names of TE ``LayerNormColumnParallelLinear`` (RMSNorm): ``layer_norm_weight`` and
     the linear's ``weight`` (+ ``bias``), with the linear's tensor-parallel attributes; computes
-    ``linear(rmsnorm(x))`` and returns ``(out, None)`` like Megatron's wrapper."""
+    ``linear(rmsnorm(x))`` (zero-centred, ``x_hat * (1 + w)``, when the norm it replaces is) and
+    returns ``(out, None)`` like Megatron's wrapper."""
 
     def __init__(self, norm: torch.nn.Module, linear: torch.nn.Module):
         super().__init__()
         self.config = getattr(linear, "config", None)
         self.eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
         self.layer_norm_weight = torch.nn.Parameter(norm.weight.detach().clone())
+        self.zero_centered_gamma = bool(getattr(norm, "zero_centered_gamma", False))
         w = torch.nn.Parameter(linear.weight.detach().clone())
         for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
             if hasattr(linear.weight, attr):
@@ -514,7 +522,8 @@ class LayerNormLinearStandIn(torch.nn.Module):
     def forward(self, x, *args, **kwargs):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = (h * self.layer_norm_weight.float()).to(x.dtype)
+        w = self.layer_norm_weight.float()
+        h = (h * (w + 1 if self.zero_centered_gamma else w)).to(x.dtype)
         if self.skip_bias_add:
             return F.linear(h, self.weight), self.bias
         return F.linear(h, self.weight, self.bias), None
@@ -523,7 +532,8 @@ class LayerNormLinearStandIn(torch.nn.Module):
 def to_te_fused_norms(model) -> list[str]:
     """Move each layer's pre-norm into the following linear the way the TE hybrid spec holds
     it (Mamba ``norm`` -> ``mixer.in_proj.layer_norm_weight``, attention ``input_layernorm`` ->
-    ``self_attention.linear_qkv.layer_norm_weight``, MLP-layer ``pre_mlp_layernorm`` ->
+    ``self_attention.linear_qkv.layer_norm_weight``, Gated DeltaNet ``input_layernorm`` ->
+    ``self_attention.in_proj.layer_norm_weight``, MLP-layer ``pre_mlp_layernorm`` ->
     ``mlp.linear_fc1.layer_norm_weight``); MoE layers keep their separate ``pre_mlp_layernorm``
     (``TENorm`` in the TE spec).  Same function.  Returns the new Megatron names."""
     from megatron.core.transformer.identity_op import IdentityOp
@@ -542,6 +552,10 @@ def to_te_fused_norms(model) -> list[str]:
             attn.linear_qkv = LayerNormLinearStandIn(layer.input_layernorm, attn.linear_qkv)
             layer.input_layernorm = IdentityOp()
             names.append(f"{i}: self_attention.linear_qkv.layer_norm_weight")
+        elif attn is not None and hasattr(attn, "in_proj") and not isinstance(layer.input_layernorm, IdentityOp):
+            attn.in_proj = LayerNormLinearStandIn(layer.input_layernorm, attn.in_proj)
+            layer.input_layernorm = IdentityOp()
+            names.append(f"{i}: self_attention.in_proj.layer_norm_weight")
         elif mlp is not None and not hasattr(mlp, "experts") and not isinstance(layer.pre_mlp_layernorm, IdentityOp):
             mlp.linear_fc1 = LayerNormLinearStandIn(layer.pre_mlp_layernorm, mlp.linear_fc1)
             layer.pre_mlp_layernorm = IdentityOp()
