@@ -1,6 +1,7 @@
 """Qwen3-Next export: megatron-core 0.19's ``HybridModel`` with Gated DeltaNet (``G``) and gated
-attention (``*``) layers, each followed by an MoE (``E``) or MLP (``-``) layer, zero-centred
-norms and a gated shared expert, exported in float32, loaded by ``transformers``
+attention (``*``) layers, each followed by an MoE (``E``) or MLP (``-``) layer, and its ``GPTModel``
+form (``experimental_attention_variant="gated_delta_net"``), zero-centred norms and a gated
+shared expert, exported in float32, loaded by ``transformers``
 (``Qwen3NextForCausalLM``), logits compared with Megatron's forward within 1e-4.
 
 The Megatron forward is megatron-core's own: ``GatedDeltaNet`` with ``deterministic_mode=True``
@@ -193,12 +194,41 @@ def test_qwen3_next_refuses(mcore, tmp_path, extra, kw, pattern, match):
 
 
 @needs_gdn
-def test_qwen3_next_refuses_a_gpt_model(mcore, tmp_path):
+@pytest.mark.parametrize("freq,types", [([1, 0, 1, 1], "G*GG"), (2, "G*G*")], ids=["list", "every-2nd-full"])
+def test_qwen3_next_gpt_form(mcore, tmp_path, freq, types):
+    """The ``GPTModel`` form (``experimental_attention_variant="gated_delta_net"``, Megatron-Bridge's
+    Qwen3-Next): round trip; with the same weights in a ``HybridModel`` the logits and the export
+    are the same, byte for byte."""
+    from conftest import read_export
+
+    from nemo_export_hooks.testing.hybrid import build_gpt_linear_attention, copy_gpt_into_hybrid
+
+    spec = next_spec(experimental_attention_variant="gated_delta_net", linear_attention_freq=freq, moe_layer_freq=[1, 1, 0, 1])
+    g = build_gpt_linear_attention(spec)
+    tokens = tokens_for(spec.vocab_size)
+    ref = megatron_logits(g, tokens)
+    roundtrip(g, tmp_path / "gpt", tokens, ref)
+    cfg = json.loads((tmp_path / "gpt" / "config.json").read_text())
+    assert cfg["layer_types"] == ["linear_attention" if t == "G" else "full_attention" for t in types]
+    assert cfg["mlp_only_layers"] == [2]
+    if freq != [1, 0, 1, 1]:
+        return
+    h = build(next_spec(), PATTERN)
+    copy_gpt_into_hybrid(g, h)
+    assert torch.equal(megatron_logits(h, tokens), ref)
+    export(h, tmp_path / "hybrid")
+    a, b = read_export(tmp_path / "gpt"), read_export(tmp_path / "hybrid")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert json.loads((tmp_path / "hybrid" / "config.json").read_text()) == cfg
+
+
+@needs_gdn
+def test_qwen3_next_refuses_a_plain_gpt_model(mcore, tmp_path):
     from nemo_export_hooks.exporter.rules import ArchMismatchError
     from nemo_export_hooks.testing.cpu import TinySpec, build_gpt
 
     m = build_gpt(TinySpec())
-    with pytest.raises(ArchMismatchError, match=r"qwen3_next is exported from megatron-core's HybridModel"):
+    with pytest.raises(ArchMismatchError, match=r"always has an output gate .*attention_output_gate=False"):
         export(m, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
 

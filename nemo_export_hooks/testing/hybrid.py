@@ -456,6 +456,55 @@ def build_hybrid(spec: TinySpec, pattern: str, seed: int = 1234, position_embedd
     return model
 
 
+def build_gpt_linear_attention(spec: TinySpec, seed: int = 1234, **config_overrides):
+    """Build the ``GPTModel`` form of a Gated DeltaNet model (megatron-core 0.19; Megatron-Bridge's
+    Qwen3-Next provider): ``experimental_attention_variant="gated_delta_net"`` with
+    ``linear_attention_freq`` picking each layer's mixer, ``moe_layer_freq`` its MLP, one
+    ``TransformerLayer`` per layer.  megatron-core's own builder
+    (``get_transformer_layer_with_experimental_attention_variant_spec``) accepts only the TE
+    backend, so the same per-layer structure is composed here from the local modules of
+    :func:`local_mamba_stack_spec` (the layer patterns come from megatron-core's own
+    ``get_linear_attention_pattern`` / ``get_moe_layer_pattern``).  Parallel state must be
+    initialised."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+        get_linear_attention_pattern,
+        get_moe_layer_pattern,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    apply_cpu_shims()
+    cfg = transformer_config(spec, **config_overrides)
+    norm = TENormStandIn if cfg.layernorm_zero_centered_gamma else _local_norm_cls()
+    install_gdn_cpu_standins()
+    sub = local_mamba_stack_spec(spec.num_experts, qk_layernorm=spec.qk_layernorm, norm=norm, gdn=True).submodules
+    linear = get_linear_attention_pattern(cfg)
+    moe = get_moe_layer_pattern(cfg) if cfg.num_moe_experts else [0] * cfg.num_layers
+    layers = []
+    for la, is_moe in zip(linear, moe):
+        mixer = (sub.gdn_layer if la else sub.attention_layer).submodules.self_attention
+        mlp = (sub.moe_layer if is_moe else sub.mlp_layer).submodules.mlp
+        layers.append(ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=norm, self_attention=mixer, self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add)))
+    torch.manual_seed(seed)
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm),
+        vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_seq_len,
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rotary_base,
+        rotary_percent=spec.rotary_percent,
+    )
+    _randomise_norms_and_biases(model, seed)
+    return model
+
+
 def copy_gpt_into_hybrid(gpt, hybrid) -> None:
     """Give a ``*E*E`` / ``*-*-`` ``HybridModel`` exactly the weights of a ``GPTModel``: GPT
     layer k's attention part (``input_layernorm``, ``self_attention.*``) goes to hybrid layer

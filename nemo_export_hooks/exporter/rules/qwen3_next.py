@@ -1,10 +1,16 @@
 """Qwen3-Next (``qwen3_next``, transformers ``Qwen3NextForCausalLM``): Gated DeltaNet linear
 attention and gated full attention, zero-centred norms, MoE with a gated shared expert.
 
-In megatron-core 0.19 the model is a ``HybridModel`` whose pattern pairs a token mixer with
-an MoE (or MLP) layer: ``G`` (Gated DeltaNet) or ``*`` (attention), then ``E`` / ``-``; HF layer
-``k`` is Megatron layers ``2k, 2k+1`` (``GEGEGE*E`` = Qwen3-Next's three linear layers per full
-one).  Facts below are read from megatron-core 0.19.2 (``ssm/gated_delta_net/{common,gdn}.py``,
+megatron-core 0.19 builds the model in two forms, both exported (same layer-local names):
+
+* ``GPTModel`` with ``experimental_attention_variant="gated_delta_net"`` (Megatron-Bridge's
+  Qwen3-Next provider): one ``TransformerLayer`` per HF layer, ``linear_attention_freq`` (an
+  int ``N``: every ``N``-th layer is full attention; or a list, 1 = linear) picks its mixer;
+* ``HybridModel`` whose pattern pairs a token mixer with an MoE (or MLP) layer: ``G`` (Gated
+  DeltaNet) or ``*`` (attention), then ``E`` / ``-``; HF layer ``k`` is Megatron layers
+  ``2k, 2k+1`` (``GEGEGE*E`` = Qwen3-Next's three linear layers per full one).
+
+Facts below are read from megatron-core 0.19.2 (``ssm/gated_delta_net/{common,gdn}.py``,
 ``transformer/attention.py``, ``transformer/moe/shared_experts.py``,
 ``models/hybrid/hybrid_layer_specs.py``) and transformers 5.23
 (``models/qwen3_next/modeling_qwen3_next.py``).
@@ -54,7 +60,9 @@ The shared expert (one, ``mlp.shared_expert.*``, singular) is gated in HF:
 
 Not expressible (refused at planning, naming the setting): attention without the output gate
 or without qk-norm, a shared expert without its gate, models without shared experts, biases,
-sigmoid / grouped / scaled routers, Mamba or other mixers, learned or no position embeddings.
+sigmoid / grouped / scaled routers, Mamba or other mixers (a hybrid pattern that does not pair into
+``G``/``*`` + ``E``/``-``, another ``experimental_attention_variant``), learned or no position
+embeddings.
 """
 
 from __future__ import annotations
@@ -191,23 +199,40 @@ LAYER = {
 }
 
 
+def mixer_types(info: ModelInfo) -> list[str]:
+    """The token mixer of every HF layer, ``"G"`` (Gated DeltaNet) or ``"*"`` (attention): from
+    the hybrid pattern, or for a ``GPTModel`` from ``experimental_attention_variant`` and
+    ``linear_attention_freq`` (megatron-core's ``get_linear_attention_pattern``: an int ``N``
+    makes every ``N``-th layer full attention, a list says 1 for linear attention)."""
+    if info.layer_types is not None:
+        out = [""] * info.num_layers
+        for i, t in enumerate(info.layer_types):
+            if i % 2 == 0:
+                out[info.hf_layer_of[i]] = t
+        return out
+    c, n = info.config, info.num_layers
+    variant = getattr(c, "experimental_attention_variant", None)
+    if variant is None:
+        return ["*"] * n
+    require(
+        variant == "gated_delta_net",
+        f"{MODEL_TYPE} mixes Gated DeltaNet and full attention; the model has experimental_attention_variant={variant!r}",
+    )
+    freq = c.linear_attention_freq
+    if isinstance(freq, int) and not isinstance(freq, bool):
+        return ["*" if (i + 1) % freq == 0 else "G" for i in range(n)]
+    pattern = list(freq or [])
+    require(len(pattern) == n, f"{MODEL_TYPE}: linear_attention_freq={freq!r} does not give one entry per layer ({n})")
+    return ["G" if x else "*" for x in pattern]
+
+
 def hf_layer_types(info: ModelInfo) -> list[str]:
-    """``linear_attention`` / ``full_attention`` of every HF layer, from the hybrid pattern."""
-    types, hf_of = info.layer_types, info.hf_layer_of
-    out = [""] * info.num_layers
-    for i, t in enumerate(types):
-        if t in ("G", "*"):
-            out[hf_of[i]] = "linear_attention" if t == "G" else "full_attention"
-    return out
+    """``linear_attention`` / ``full_attention`` of every HF layer."""
+    return ["linear_attention" if t == "G" else "full_attention" for t in mixer_types(info)]
 
 
 def _check(info: ModelInfo) -> None:
     c, a, m = info.config, info.attrs, MODEL_TYPE
-    require(
-        info.layer_types is not None and info.hf_layer_of is not None,
-        f"{m} is exported from megatron-core's HybridModel (Gated DeltaNet 'G' / attention '*' layers, each followed "
-        "by its MoE 'E' or MLP '-' layer); the model has no hybrid layer pattern",
-    )
     require(c.normalization == "RMSNorm", f"{m} needs RMSNorm, the model uses {c.normalization}")
     require(c.gated_linear_unit, f"{m} needs a gated MLP (gated_linear_unit=True)")
     require(activation_name(c) == "silu", f"{m} needs SiLU (its MLPs, the DeltaNet conv and gated norm), the model uses {activation_name(c)}")
@@ -216,7 +241,7 @@ def _check(info: ModelInfo) -> None:
         not getattr(c, "apply_residual_connection_post_layernorm", False),
         f"{m} adds each layer's input (before its norm) to the residual; the model has apply_residual_connection_post_layernorm=True",
     )
-    types = info.layer_types
+    types = mixer_types(info)
     if "*" in types:
         require(a.position_embedding_type == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
         require(not a.rope_scaling, f"{m} export has no rope scaling (the model uses rotary_scaling)")
