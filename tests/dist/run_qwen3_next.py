@@ -1,5 +1,5 @@
-"""torchrun program: the Qwen3-Next test model (tests/test_qwen3_next.py) under tensor
-parallelism (TP=2).  Each rank loads the world-size-1 weights sliced the way megatron-core
+"""torchrun program: the Qwen3-Next / Qwen3.5-MoE test models (tests/test_qwen3_next.py,
+tests/test_qwen3_5_moe.py) under tensor parallelism (TP=2).  Each rank loads the world-size-1 weights sliced the way megatron-core
 0.19 lays them out -- a Gated DeltaNet ``in_proj`` / ``conv1d`` shard holds the rank's slice of
 every part (``[q_r | k_r | v_r | z_r | b_r | a_r]``, ``[q_r | k_r | v_r]``: the sections its
 ``sharded_state_dict`` declares), everything else split contiguously -- then checks that
@@ -9,7 +9,7 @@ every part (``[q_r | k_r | v_r | z_r | b_r | a_r]``, ``[q_r | k_r | v_r]``: the 
 * the TP=2 export equals the world-size-1 export tensor for tensor, bit for bit, and in
   config.json.
 
-Usage (tests/test_qwen3_next.py): torchrun --nproc-per-node=2 run_qwen3_next.py --ref DIR --out DIR
+Usage: torchrun --nproc-per-node=2 run_qwen3_next.py --ref DIR --out DIR [--arch ARCH --pattern PATTERN]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--arch", default="qwen3_next")
+    ap.add_argument("--pattern", default=None)
     a = ap.parse_args()
     import torch._dynamo
     from safetensors import safe_open
@@ -61,20 +63,21 @@ def main() -> None:
 
     from nemo_export_hooks import export_to_hf
 
+    pattern = a.pattern or PATTERN
     C.init_parallel(tp=2)
-    m = build(next_spec(), PATTERN)
+    m = build(next_spec(), pattern)
     load(m, a.ref / "megatron.safetensors")
     spec = next_spec()
     tokens = C.tokens_for(spec.vocab_size)
     with torch._dynamo.config.patch(disable=True):
         logits = C.parallel_logits([m], tokens, SimpleNamespace(pp=1, vpp=None, sequence_parallel=False))
     ref_logits = load_file(str(a.ref / "logits.safetensors"))["logits"]
-    naive = build(next_spec(), PATTERN)
+    naive = build(next_spec(), pattern)
     load(naive, a.ref / "megatron.safetensors", naive=True)
     with torch._dynamo.config.patch(disable=True):
         naive_logits = C.parallel_logits([naive], tokens, SimpleNamespace(pp=1, vpp=None, sequence_parallel=False))
     out = a.out / "tp2"
-    export_to_hf(m, out, arch="qwen3_next", dtype=torch.float32)
+    export_to_hf(m, out, arch=a.arch, dtype=torch.float32)
     torch.distributed.barrier()
     if C.rank() != 0:
         return

@@ -106,7 +106,7 @@ def BLOCK_NORM(target: str) -> Entry:
     return Entry(mk.rename, (target,), PLAIN_TO_ZERO_CENTRED)
 
 
-def _gdn_dims(info: ModelInfo) -> tuple[int, int, int, int]:
+def gdn_dims(info: ModelInfo) -> tuple[int, int, int, int]:
     c = info.config
     return int(c.linear_num_key_heads), int(c.linear_num_value_heads), int(c.linear_key_head_dim), int(c.linear_value_head_dim)
 
@@ -119,7 +119,7 @@ class GatedDeltaNetInProj:
     name = "self_attention.in_proj"
 
     def bind_tp(self, info: ModelInfo, tp: int):
-        nk, nv, dk, dv = _gdn_dims(info)
+        nk, nv, dk, dv = gdn_dims(info)
         r = nv // nk
         sizes = [nk * dk, nk * dk, nv * dv, nv * dv, nv, nv]
         q0, k0, v0, z0, b0, a0 = (sum(sizes[:i]) for i in range(6))
@@ -146,7 +146,7 @@ class GatedDeltaNetInProj:
 
 
 def _conv_parts(info: ModelInfo):
-    nk, nv, dk, dv = _gdn_dims(info)
+    nk, nv, dk, dv = gdn_dims(info)
     return [nk * dk, nk * dk, nv * dv]  # q, k, v channels
 
 
@@ -199,7 +199,7 @@ LAYER = {
 }
 
 
-def mixer_types(info: ModelInfo) -> list[str]:
+def mixer_types(info: ModelInfo, m: str = MODEL_TYPE) -> list[str]:
     """The token mixer of every HF layer, ``"G"`` (Gated DeltaNet) or ``"*"`` (attention): from
     the hybrid pattern, or for a ``GPTModel`` from ``experimental_attention_variant`` and
     ``linear_attention_freq`` (megatron-core's ``get_linear_attention_pattern``: an int ``N``
@@ -216,23 +216,24 @@ def mixer_types(info: ModelInfo) -> list[str]:
         return ["*"] * n
     require(
         variant == "gated_delta_net",
-        f"{MODEL_TYPE} mixes Gated DeltaNet and full attention; the model has experimental_attention_variant={variant!r}",
+        f"{m} mixes Gated DeltaNet and full attention; the model has experimental_attention_variant={variant!r}",
     )
     freq = c.linear_attention_freq
     if isinstance(freq, int) and not isinstance(freq, bool):
         return ["*" if (i + 1) % freq == 0 else "G" for i in range(n)]
     pattern = list(freq or [])
-    require(len(pattern) == n, f"{MODEL_TYPE}: linear_attention_freq={freq!r} does not give one entry per layer ({n})")
+    require(len(pattern) == n, f"{m}: linear_attention_freq={freq!r} does not give one entry per layer ({n})")
     return ["G" if x else "*" for x in pattern]
 
 
-def hf_layer_types(info: ModelInfo) -> list[str]:
+def hf_layer_types(info: ModelInfo, m: str = MODEL_TYPE) -> list[str]:
     """``linear_attention`` / ``full_attention`` of every HF layer."""
-    return ["linear_attention" if t == "G" else "full_attention" for t in mixer_types(info)]
+    return ["linear_attention" if t == "G" else "full_attention" for t in mixer_types(info, m)]
 
 
-def _check(info: ModelInfo) -> None:
-    c, a, m = info.config, info.attrs, MODEL_TYPE
+def check_family(info: ModelInfo, m: str) -> None:
+    """Everything Qwen3-Next and Qwen3.5-MoE share (``m`` names the arch in messages)."""
+    c, a = info.config, info.attrs
     require(c.normalization == "RMSNorm", f"{m} needs RMSNorm, the model uses {c.normalization}")
     require(c.gated_linear_unit, f"{m} needs a gated MLP (gated_linear_unit=True)")
     require(activation_name(c) == "silu", f"{m} needs SiLU (its MLPs, the DeltaNet conv and gated norm), the model uses {activation_name(c)}")
@@ -241,7 +242,7 @@ def _check(info: ModelInfo) -> None:
         not getattr(c, "apply_residual_connection_post_layernorm", False),
         f"{m} adds each layer's input (before its norm) to the residual; the model has apply_residual_connection_post_layernorm=True",
     )
-    types = mixer_types(info)
+    types = mixer_types(info, m)
     if "*" in types:
         require(a.position_embedding_type == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
         require(not a.rope_scaling, f"{m} export has no rope scaling (the model uses rotary_scaling)")
@@ -262,7 +263,7 @@ def _check(info: ModelInfo) -> None:
         sm = getattr(c, "softmax_scale", None)
         require(sm is None or math.isclose(sm, head_dim ** -0.5), f"{m} scales attention by 1/sqrt(head_dim); the model has softmax_scale={sm}")
     if "G" in types:
-        nk, nv, dk, dv = _gdn_dims(info)
+        nk, nv, dk, dv = gdn_dims(info)
         require(nv % nk == 0, f"{m}: linear_num_value_heads={nv} is not a multiple of linear_num_key_heads={nk}")
     if not info.moe_layers:
         return
@@ -281,18 +282,22 @@ def _check(info: ModelInfo) -> None:
     )
 
 
-def _config(info: ModelInfo) -> dict:
+def _check(info: ModelInfo) -> None:
+    check_family(info, MODEL_TYPE)
+
+
+def family_config(info: ModelInfo, model_type: str, architecture: str, **extra) -> dict:
+    """HF config keys Qwen3-Next and Qwen3.5-MoE share."""
     c, a = info.config, info.attrs
-    dense = [i for i in range(info.num_layers) if i not in info.moe_layers]
-    cfg = hf_config(
-        info, MODEL_TYPE, "Qwen3NextForCausalLM",
+    return hf_config(
+        info, model_type, architecture,
         hidden_act=activation_name(c),
         attention_bias=False,
         partial_rotary_factor=float(a.rotary_percent),
         rope_scaling=None,
         # transformers 5 reads rope_parameters (and folds the keys above into it when absent)
         rope_parameters={"rope_type": "default", "rope_theta": a.rotary_base, "partial_rotary_factor": float(a.rotary_percent)},
-        layer_types=hf_layer_types(info),
+        layer_types=hf_layer_types(info, model_type),
         linear_conv_kernel_dim=int(c.linear_conv_kernel_dim),
         linear_key_head_dim=int(c.linear_key_head_dim),
         linear_value_head_dim=int(c.linear_value_head_dim),
@@ -302,14 +307,17 @@ def _config(info: ModelInfo) -> dict:
         num_experts_per_tok=int(c.moe_router_topk) if info.moe_layers else 1,
         moe_intermediate_size=int(c.moe_ffn_hidden_size or c.ffn_hidden_size) if info.moe_layers else c.ffn_hidden_size,
         shared_expert_intermediate_size=int(c.moe_shared_expert_intermediate_size or 0) if info.moe_layers else 0,
-        decoder_sparse_step=1,
-        mlp_only_layers=dense,
         # Megatron's default (top-k of the logits, then softmax over the k) is normalised top-k
         norm_topk_prob=not bool(getattr(c, "moe_router_pre_softmax", False)),
         output_router_logits=False,
         router_aux_loss_coef=float(getattr(c, "moe_aux_loss_coeff", 0.0) or 0.0),
+        **extra,
     )
-    return cfg
+
+
+def _config(info: ModelInfo) -> dict:
+    dense = [i for i in range(info.num_layers) if i not in info.moe_layers]
+    return family_config(info, MODEL_TYPE, "Qwen3NextForCausalLM", decoder_sparse_step=1, mlp_only_layers=dense)
 
 
 QWEN3_NEXT = rule(ArchRule(
@@ -326,4 +334,5 @@ QWEN3_NEXT = rule(ArchRule(
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate", "*.mlp.shared_expert_gate", "*.linear_attn.conv1d"),
 ))
 
-__all__ = ["QWEN3_NEXT", "ArchMismatchError", "GatedDeltaNetInProj", "PLAIN_TO_ZERO_CENTRED", "hf_layer_types", "qkv_gated_split"]
+__all__ = ["QWEN3_NEXT", "ArchMismatchError", "GatedDeltaNetInProj", "PLAIN_TO_ZERO_CENTRED", "check_family", "family_config", "gdn_dims",
+           "hf_layer_types", "mixer_types", "qkv_gated_split"]
