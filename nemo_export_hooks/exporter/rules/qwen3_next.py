@@ -58,6 +58,9 @@ The shared expert (one, ``mlp.shared_expert.*``, singular) is gated in HF:
 ``[1, H]`` -> ``mlp.shared_expert_gate.weight``.  Dense layers (``-``) are ``mlp_only_layers``,
 ``intermediate_size = ffn_hidden_size``.
 
+Not checked: ``GatedDeltaNet``'s ``use_qk_l2norm`` (a spec parameter, default True, not in
+``TransformerConfig``; HF always l2-normalises q/k) and ``A_init_range`` (initialisation only).
+
 Not expressible (refused at planning, naming the setting): attention without the output gate
 or without qk-norm, a shared expert without its gate, models without shared experts, biases,
 sigmoid / grouped / scaled routers, Mamba or other mixers (a hybrid pattern that does not pair into
