@@ -90,6 +90,55 @@ def qkv_split(targets: Sequence[str], rows: int, shape: AttentionShape | None = 
 MappingKind = Callable[..., RowPlan]
 
 
+class PerRankParts:
+    """Mapping kind for a fused projection whose every tensor-parallel shard is
+    ``[part_0 shard; part_1 shard; ...]`` along dim 0 (Mamba's ``in_proj`` and ``conv1d``).
+
+    ``parts(info)`` gives the full (unsplit) row count of each part; :meth:`bind_tp` (called
+    by the planner with the tensor's TP size) returns the row-selection kind that turns the
+    gathered ``[rank0 parts | rank1 parts | ...]`` into ``[part_0 | part_1 | ...]``."""
+
+    def __init__(self, name: str, parts):
+        self.name = name
+        self.parts = parts
+
+    def bind_tp(self, info, tp: int):
+        sizes = list(self.parts(info))
+        name = self.name
+
+        def kind(targets, rows, shape=None):
+            (target,) = targets
+            if rows != sum(sizes):
+                raise ValueError(f"{name} has {rows} rows, expected {sum(sizes)} = {' + '.join(map(str, sizes))}")
+            if tp == 1:
+                return [(target, None)]
+            return [(target, per_rank_parts_rows(sizes, tp))]
+
+        kind.__name__ = f"{name}_tp{tp}"
+        return kind
+
+    def __call__(self, targets, rows, shape=None):
+        raise TypeError(f"{self.name}: the row order depends on the TP size; the planner binds it with bind_tp()")
+
+
+def per_rank_parts_rows(sizes: list[int], tp: int) -> torch.Tensor:
+    """Row index that re-orders ``cat_r [part_0/tp of rank r; part_1/tp of rank r; ...]`` into
+    ``[part_0; part_1; ...]`` (each part in rank order)."""
+    for s in sizes:
+        if s % tp:
+            raise ValueError(f"part of {s} rows does not split over {tp} tensor-parallel ranks")
+    local = [s // tp for s in sizes]
+    per_rank = sum(local)
+    idx = []
+    off = 0
+    for s in local:
+        for r in range(tp):
+            start = r * per_rank + off
+            idx.append(torch.arange(start, start + s))
+        off += s
+    return torch.cat(idx)
+
+
 def apply_rows(tensor: torch.Tensor, rows: "torch.Tensor | None") -> torch.Tensor:
     """``tensor[rows]`` on the tensor's own device: a view (``narrow``) when the rows are
     one ascending run (gate/up halves), else a gather with the index moved to the tensor."""

@@ -118,22 +118,24 @@ def moe_placement(cfg, layers: list[LayerRef]) -> list[int]:
     return from_freq
 
 
-def pair_hybrid_layers(layer_types: list[str], model_type: str) -> list[int]:
+def pair_hybrid_layers(layer_types: list[str], model_type: str, mixers: tuple[str, ...] = ("*",)) -> list[int]:
     """HF layer index of every layer of a hybrid stack exported to a transformer arch.
 
     megatron-core 0.19's ``HybridModel`` (``GPTModel`` is deprecated) writes a transformer as
     separate attention and MLP/MoE layers: a Qwen3-MoE is ``*E*E...``.  An HF transformer layer
-    is one attention layer followed by its MLP (``-``) or MoE (``E``) layer; layer names inside
-    them are the ``TransformerLayer`` names the GPT form uses.  Anything else (Mamba, a lone
-    attention or MLP layer, other mixers) has no place in the HF model: refused, naming the
-    position."""
+    is one token-mixer layer (``mixers``, the rule's ``hybrid_mixers``: attention ``*``, and
+    for Qwen3-Next also Gated DeltaNet ``G``) followed by its MLP (``-``) or MoE (``E``) layer;
+    layer names inside them are the ``TransformerLayer`` names the GPT form uses.  Anything
+    else (Mamba, a lone mixer or MLP layer, other mixers) has no place in the HF model:
+    refused, naming the position."""
     pattern = "".join(layer_types)
-    fits = [(t == "*") if i % 2 == 0 else (t in ("-", "E")) for i, t in enumerate(layer_types)]
+    fits = [(t in mixers) if i % 2 == 0 else (t in ("-", "E")) for i, t in enumerate(layer_types)]
     if len(layer_types) % 2 or not all(fits):
         bad = fits.index(False) if not all(fits) else len(layer_types)
+        pairs = " / ".join(f"'{m}-' / '{m}E'" for m in mixers)
         raise ArchMismatchError(
-            f"arch {model_type!r} is a transformer (attention then MLP/MoE in every layer); the model's "
-            f"hybrid layer pattern {pattern!r} does not pair into '*-' / '*E' layers (layer {bad}"
+            f"arch {model_type!r} is a transformer ({' or '.join(map(repr, mixers))} then MLP/MoE in every layer); the model's "
+            f"hybrid layer pattern {pattern!r} does not pair into {pairs} layers (layer {bad}"
             + (f" is {layer_types[bad]!r})" if bad < len(layer_types) else " is missing its MLP/MoE)")
         )
     return [i // 2 for i in range(len(layer_types))]
@@ -146,7 +148,7 @@ def model_info(chunks: list, layers: list[LayerRef], rule: Optional[ArchRule] = 
     layer_types = hybrid_layer_types(chunks)
     if layer_types is not None and rule is not None and not rule.hybrid_native:
         # HybridModel as a transformer: HF layer k = Megatron layers 2k (attention), 2k+1 (MLP/MoE)
-        hf_of = pair_hybrid_layers(layer_types, rule.model_type)
+        hf_of = pair_hybrid_layers(layer_types, rule.model_type, rule.hybrid_mixers)
         moe_layers = sorted({hf_of[i] for i, t in enumerate(layer_types) if t == "E"})
         has_shared = bool(getattr(cfg, "moe_shared_expert_intermediate_size", None))
         has_bias = bool(getattr(cfg, "moe_router_enable_expert_bias", False))

@@ -30,6 +30,12 @@ path, which never imports this module):
 * ``TELinear`` (``MoELayer``'s latent projections ``fc1_latent_proj`` / ``fc2_latent_proj``, which
   megatron-core 0.16 builds only with TE, ``parallel_mode="duplicated"``): :class:`TELinearStandIn`,
   same state names (``weight``, ``bias``), not tensor-parallel, same function.
+* ``TENorm`` with ``layernorm_zero_centered_gamma`` (Qwen3-Next): :class:`TENormStandIn`, TE's
+  state (``weight``, zeros-initialised) and function (``x_hat * (1 + weight)``); Megatron's local
+  norms refuse zero-centred gamma.
+* ``fla`` (Gated DeltaNet, megatron-core 0.19; Triton only): the ``HAVE_FLA`` flag and ``l2norm``
+  (:func:`install_gdn_cpu_standins`).  The layer's conv and delta rule are megatron-core's own
+  torch code (``deterministic_mode=True``), so its forward is Megatron's.
 """
 
 from __future__ import annotations
@@ -154,6 +160,51 @@ class TELinearStandIn(torch.nn.Module):
         return F.linear(x, self.weight, self.bias), None
 
 
+class TENormStandIn(torch.nn.Module):
+    """Transformer Engine's ``RMSNorm`` as Megatron's ``TENorm`` builds it, in torch: state
+    ``weight`` ``[hidden]``; with ``config.layernorm_zero_centered_gamma`` TE stores ``gamma - 1``
+    (initialised to zeros) and computes ``x_hat * (1 + weight)``, else ``x_hat * weight``.
+    Megatron's local norms refuse zero-centred gamma (``WrappedTorchNorm`` asserts it off), so a
+    CPU model with zero-centred norms needs this stand-in wherever the TE spec has a ``TENorm``
+    (or a norm fused into ``TELayerNormColumnParallelLinear``)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        assert config.normalization == "RMSNorm", config.normalization
+        self.eps = eps
+        self.zero_centered_gamma = bool(config.layernorm_zero_centered_gamma)
+        init = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + 1 if self.zero_centered_gamma else self.weight.float()
+        return (h * w).to(x.dtype)
+
+
+def fla_l2norm_standin(x: torch.Tensor, eps: float = 1e-6, output_dtype=None) -> torch.Tensor:
+    """``fla.modules.l2norm.l2norm`` (a Triton kernel) in torch: ``x * rsqrt(sum(x^2) + eps)``
+    over the last dim, in float32."""
+    h = x.float()
+    y = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + eps)
+    return y.to(output_dtype or x.dtype)
+
+
+def install_gdn_cpu_standins() -> None:
+    """What megatron-core 0.19's ``GatedDeltaNet`` takes from ``fla`` (flash-linear-attention,
+    Triton kernels only): the import flag ``HAVE_FLA`` its constructor checks, and ``l2norm``,
+    which its forward applies to q and k.  fla's other two kernels are not needed: with
+    ``deterministic_mode=True`` the layer runs megatron-core's own torch paths (``F.conv1d`` and
+    ``torch_chunk_gated_delta_rule``).  Installed for the process (idempotent); a real fla is
+    left alone."""
+    from megatron.core.ssm.gated_delta_net import common
+
+    if not common.HAVE_FLA:
+        common.HAVE_FLA = True
+        common.l2norm = fla_l2norm_standin
+
+
 def _local_norm_cls():
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -161,8 +212,9 @@ def _local_norm_cls():
 
 
 @contextlib.contextmanager
-def _construction_standins() -> Iterator[None]:
-    """Patch the module globals listed in the module docstring, and restore them."""
+def _construction_standins(final_norm=None) -> Iterator[None]:
+    """Patch the module globals listed in the module docstring, and restore them
+    (``final_norm``: the class standing in for the stack's ``TENorm``, default the local norm)."""
     from megatron.core.ssm.mamba_block import MambaStack
     from megatron.core.transformer.moe import moe_layer
 
@@ -179,7 +231,7 @@ def _construction_standins() -> Iterator[None]:
         (mixer, "HAVE_EINOPS", True),
         (mcp, "HAVE_EINOPS", True),
         (mixer, "ExtendedRMSNorm", GatedRMSNormStandIn),
-        (mamba_block, "TENorm", _local_norm_cls()),
+        (mamba_block, "TENorm", final_norm or _local_norm_cls()),
     ]
     if not getattr(moe_layer, "HAVE_TE", False):
         patches += [(moe_layer, "HAVE_TE", True), (moe_layer, "TELinear", TELinearStandIn)]
@@ -203,12 +255,18 @@ def _construction_standins() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = False):
+def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = False, norm=None, gdn: bool = False):
     """``MambaStackSubmodules`` of ``mamba_stack_spec`` with local modules (see module doc).
 
     ``qk_layernorm``: attention layers get local q/k norms (``self_attention.q_layernorm`` /
     ``k_layernorm``), as ``get_gpt_layer_local_spec`` gives them; megatron-core >= 0.19 refuses
-    ``qk_layernorm=True`` without them instead of falling back to ``TENorm``."""
+    ``qk_layernorm=True`` without them instead of falling back to ``TENorm``.
+
+    ``norm``: the class of every norm (default the local ``WrappedTorchNorm``;
+    :class:`TENormStandIn` for zero-centred norms).  ``gdn``: add megatron-core 0.19's Gated
+    DeltaNet layer (symbol ``G``), built like ``hybrid_stack_spec.gdn_layer`` -- a
+    ``TransformerLayer`` whose ``self_attention`` is ``GatedDeltaNet`` -- with local linears and
+    the pre-norm separate (``input_layernorm``) instead of fused into ``in_proj``."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -228,7 +286,7 @@ def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = Fals
         MoETransformerLayer = TransformerLayer
 
     mixer_mod = import_mamba_mixer()
-    norm = _local_norm_cls()
+    norm = norm or _local_norm_cls()
     qk_norms = dict(q_layernorm=norm, k_layernorm=norm) if qk_layernorm else {}
     moe_layer = None
     if num_experts:
@@ -280,6 +338,20 @@ def local_mamba_stack_spec(num_experts: Optional[int], qk_layernorm: bool = Fals
     )
     if moe_layer is not None:
         sub.moe_layer = moe_layer
+    if gdn:
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+
+        sub.gdn_layer = ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                input_layernorm=norm,
+                self_attention=ModuleSpec(
+                    module=GatedDeltaNet,
+                    submodules=GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear),
+                ),
+                self_attn_bda=get_bias_dropout_add,
+            ),
+        )
     return ModuleSpec(module=MambaStack, submodules=sub)
 
 
@@ -350,16 +422,25 @@ def build_hybrid(spec: TinySpec, pattern: str, seed: int = 1234, position_embedd
     """Build megatron-core 0.19's ``HybridModel`` (the successor of the deprecated ``GPTModel``)
     with ``hybrid_layer_pattern=pattern`` from the local stack spec, on CPU; a transformer is
     the pattern ``*E*E...`` / ``*-*-...`` (attention and MLP/MoE as separate layers).  Parallel
-    state must be initialised."""
+    state must be initialised.
+
+    Gated DeltaNet layers (``G``, a Qwen3-Next is ``GEGEGE*E...``) get the fla stand-ins
+    (:func:`install_gdn_cpu_standins`; pass ``deterministic_mode=True`` to run them on CPU), and
+    ``layernorm_zero_centered_gamma=True`` gets :class:`TENormStandIn` for every norm.  The
+    spec's ``rotary_percent`` is the model's (partial rotary embeddings)."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     apply_cpu_shims()
     # a hybrid stack's num_layers counts its pattern's layers (attention and MoE separately)
     config_overrides.setdefault("num_layers", len(pattern.split("/")[0].replace("|", "")))
     cfg = transformer_config(spec, **config_overrides)
-    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm)
+    norm = TENormStandIn if cfg.layernorm_zero_centered_gamma else None
+    gdn = "G" in pattern
+    if gdn:
+        install_gdn_cpu_standins()
+    stack = local_mamba_stack_spec(spec.num_experts if "E" in pattern else None, qk_layernorm=spec.qk_layernorm, norm=norm, gdn=gdn)
     torch.manual_seed(seed)
-    with _construction_standins():
+    with _construction_standins(final_norm=norm):
         model = HybridModel(
             config=cfg,
             hybrid_stack_spec=stack,
@@ -369,7 +450,57 @@ def build_hybrid(spec: TinySpec, pattern: str, seed: int = 1234, position_embedd
             share_embeddings_and_output_weights=spec.tie_embeddings,
             position_embedding_type=position_embedding_type,
             rotary_base=int(spec.rotary_base),
+            rotary_percent=spec.rotary_percent,
         )
+    _randomise_norms_and_biases(model, seed)
+    return model
+
+
+def build_gpt_linear_attention(spec: TinySpec, seed: int = 1234, **config_overrides):
+    """Build the ``GPTModel`` form of a Gated DeltaNet model (megatron-core 0.19; Megatron-Bridge's
+    Qwen3-Next provider): ``experimental_attention_variant="gated_delta_net"`` with
+    ``linear_attention_freq`` picking each layer's mixer, ``moe_layer_freq`` its MLP, one
+    ``TransformerLayer`` per layer.  megatron-core's own builder
+    (``get_transformer_layer_with_experimental_attention_variant_spec``) accepts only the TE
+    backend, so the same per-layer structure is composed here from the local modules of
+    :func:`local_mamba_stack_spec` (the layer patterns come from megatron-core's own
+    ``get_linear_attention_pattern`` / ``get_moe_layer_pattern``).  Parallel state must be
+    initialised."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+        get_linear_attention_pattern,
+        get_moe_layer_pattern,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    apply_cpu_shims()
+    cfg = transformer_config(spec, **config_overrides)
+    norm = TENormStandIn if cfg.layernorm_zero_centered_gamma else _local_norm_cls()
+    install_gdn_cpu_standins()
+    sub = local_mamba_stack_spec(spec.num_experts, qk_layernorm=spec.qk_layernorm, norm=norm, gdn=True).submodules
+    linear = get_linear_attention_pattern(cfg)
+    moe = get_moe_layer_pattern(cfg) if cfg.num_moe_experts else [0] * cfg.num_layers
+    layers = []
+    for la, is_moe in zip(linear, moe):
+        mixer = (sub.gdn_layer if la else sub.attention_layer).submodules.self_attention
+        mlp = (sub.moe_layer if is_moe else sub.mlp_layer).submodules.mlp
+        layers.append(ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=norm, self_attention=mixer, self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add)))
+    torch.manual_seed(seed)
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm),
+        vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_seq_len,
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rotary_base,
+        rotary_percent=spec.rotary_percent,
+    )
     _randomise_norms_and_biases(model, seed)
     return model
 
@@ -413,13 +544,15 @@ def copy_gpt_into_hybrid(gpt, hybrid) -> None:
 class LayerNormLinearStandIn(torch.nn.Module):
     """State names of TE ``LayerNormColumnParallelLinear`` (RMSNorm): ``layer_norm_weight`` and
     the linear's ``weight`` (+ ``bias``), with the linear's tensor-parallel attributes; computes
-    ``linear(rmsnorm(x))`` and returns ``(out, None)`` like Megatron's wrapper."""
+    ``linear(rmsnorm(x))`` (zero-centred, ``x_hat * (1 + w)``, when the norm it replaces is) and
+    returns ``(out, None)`` like Megatron's wrapper."""
 
     def __init__(self, norm: torch.nn.Module, linear: torch.nn.Module):
         super().__init__()
         self.config = getattr(linear, "config", None)
         self.eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
         self.layer_norm_weight = torch.nn.Parameter(norm.weight.detach().clone())
+        self.zero_centered_gamma = bool(getattr(norm, "zero_centered_gamma", False))
         w = torch.nn.Parameter(linear.weight.detach().clone())
         for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
             if hasattr(linear.weight, attr):
@@ -438,7 +571,8 @@ class LayerNormLinearStandIn(torch.nn.Module):
     def forward(self, x, *args, **kwargs):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = (h * self.layer_norm_weight.float()).to(x.dtype)
+        w = self.layer_norm_weight.float()
+        h = (h * (w + 1 if self.zero_centered_gamma else w)).to(x.dtype)
         if self.skip_bias_add:
             return F.linear(h, self.weight), self.bias
         return F.linear(h, self.weight, self.bias), None
@@ -447,7 +581,8 @@ class LayerNormLinearStandIn(torch.nn.Module):
 def to_te_fused_norms(model) -> list[str]:
     """Move each layer's pre-norm into the following linear the way the TE hybrid spec holds
     it (Mamba ``norm`` -> ``mixer.in_proj.layer_norm_weight``, attention ``input_layernorm`` ->
-    ``self_attention.linear_qkv.layer_norm_weight``, MLP-layer ``pre_mlp_layernorm`` ->
+    ``self_attention.linear_qkv.layer_norm_weight``, Gated DeltaNet ``input_layernorm`` ->
+    ``self_attention.in_proj.layer_norm_weight``, MLP-layer ``pre_mlp_layernorm`` ->
     ``mlp.linear_fc1.layer_norm_weight``); MoE layers keep their separate ``pre_mlp_layernorm``
     (``TENorm`` in the TE spec).  Same function.  Returns the new Megatron names."""
     from megatron.core.transformer.identity_op import IdentityOp
@@ -466,6 +601,10 @@ def to_te_fused_norms(model) -> list[str]:
             attn.linear_qkv = LayerNormLinearStandIn(layer.input_layernorm, attn.linear_qkv)
             layer.input_layernorm = IdentityOp()
             names.append(f"{i}: self_attention.linear_qkv.layer_norm_weight")
+        elif attn is not None and hasattr(attn, "in_proj") and not isinstance(layer.input_layernorm, IdentityOp):
+            attn.in_proj = LayerNormLinearStandIn(layer.input_layernorm, attn.in_proj)
+            layer.input_layernorm = IdentityOp()
+            names.append(f"{i}: self_attention.in_proj.layer_norm_weight")
         elif mlp is not None and not hasattr(mlp, "experts") and not isinstance(layer.pre_mlp_layernorm, IdentityOp):
             mlp.linear_fc1 = LayerNormLinearStandIn(layer.pre_mlp_layernorm, mlp.linear_fc1)
             layer.pre_mlp_layernorm = IdentityOp()

@@ -127,6 +127,9 @@ class ArchRule:
     # The HF model is itself a hybrid stack, one HF layer per Megatron layer (nemotron_h).
     # Otherwise a hybrid Megatron stack must pair into attention + MLP/MoE layers.
     hybrid_native: bool = False
+    # A hybrid stack exported to this (transformer) arch: the Megatron layer symbols that may
+    # open an HF layer (attention ``*``; Qwen3-Next also Gated DeltaNet ``G``)
+    hybrid_mixers: tuple[str, ...] = ("*",)
 
     def entry(self, local_name: str) -> Entry:
         e = self.layer_table.get(local_name)
