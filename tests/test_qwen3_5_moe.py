@@ -152,3 +152,11 @@ def test_registered():
     from nemo_export_hooks.exporter.rules import get_rule
 
     assert get_rule(ARCH).architecture == "Qwen3_5MoeForCausalLM"
+
+
+def test_multimodal_model_type_points_to_the_text_arch():
+    """arch='qwen3_5_moe' (the multimodal checkpoint's model_type) is refused naming the text arch."""
+    from nemo_export_hooks.exporter.rules import get_rule
+
+    with pytest.raises(ValueError, match=r"unknown arch 'qwen3_5_moe' \(qwen3_5_moe is the multimodal .* arch='qwen3_5_moe_text'\)"):
+        get_rule("qwen3_5_moe")

@@ -62,12 +62,22 @@ def _load_all() -> None:
             log.warning("HF export: rule plug-in %s (%s) failed to load: %s", ep.name, ep.value, e)
 
 
+# model_types of checkpoints a Megatron language model cannot fill, with the arch to use instead
+_INSTEAD = {
+    "qwen3_5_moe": ("qwen3_5_moe_text", "qwen3_5_moe is the multimodal Qwen3.5 checkpoint (a vision tower "
+                    "Megatron's language model does not have); its text model is"),
+}
+
+
 def get_rule(arch: str) -> ArchRule:
     _load_all()
     try:
         return RULES[arch]
     except KeyError:
-        raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(sorted(RULES))}") from None
+        hint = ""
+        if arch in _INSTEAD and _INSTEAD[arch][0] in RULES:
+            hint = f" ({_INSTEAD[arch][1]} arch={_INSTEAD[arch][0]!r})"
+        raise ValueError(f"unknown arch {arch!r}{hint}; supported: {', '.join(sorted(RULES))}") from None
 
 
 def all_rules() -> dict[str, ArchRule]:
