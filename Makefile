@@ -18,7 +18,7 @@ STAMP_VLLM := $(VENV_VLLM)/.installed
 VENV_MC19 := .venv-mcore19
 STAMP_MC19 := $(VENV_MC19)/.installed
 MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py tests/test_quant_export.py tests/test_quant_glm4_moe.py tests/test_quant_pack.py tests/test_distributed.py \
-              tests/test_qwen3_next.py tests/test_qwen3_5_moe.py
+              tests/test_qwen3_next.py tests/test_qwen3_5_moe.py tests/test_quant_qwen3_next.py
 
 .PHONY: venv demo test test-next bench clean test-vllm test-mcore19
 
