@@ -33,7 +33,7 @@ def oss_spec(extra=None, **kw) -> TinySpec:
               activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=7.0)
     ex.update(extra or {})
     base = dict(
-        num_layers=3, num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, qk_layernorm=False,
+        num_layers=3, num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, qk_layernorm=False, layernorm_epsilon=1e-5,
         add_qkv_bias=True, add_bias_linear=True, rotary_base=10000.0,
         extra=ex,
     )
@@ -100,6 +100,9 @@ def test_gpt_oss_window_is_exported(mcore, tmp_path):
         (dict(activation_func_clamp_value=None), {}, "experts clamp at 7.0"),
         (dict(softmax_type="vanilla"), {}, "learned sink per head"),
         ({}, dict(qk_layernorm=True), "has no qk-norm"),
+        # vLLM's gpt-oss ignores layer_types and rms_norm_eps (tests/vllm_cpu checks the numbers)
+        (dict(window_attn_skip_freq=None), {}, r"windows the even layers \[0, 2\].*the model windows layers \[0, 1, 2\]"),
+        ({}, dict(layernorm_epsilon=1e-6), r"normalises with eps 1e-05 .*layernorm_epsilon=1e-06"),
     ],
 )
 def test_gpt_oss_refuses(mcore, tmp_path, extra, kw, match):

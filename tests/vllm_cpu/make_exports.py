@@ -50,7 +50,40 @@ def _specs():
         "qwen3_moe": ("qwen3_moe", TinySpec(**dict(moe, num_layers=3, moe_layer_freq=[0, 1, 1]))),
         "mixtral": ("mixtral", TinySpec(**dict(moe, qk_layernorm=False, rotary_base=10000.0))),
         "deepseek_v3": ("deepseek_v3", TinySpec(**ds)),
+        # GLM-4.5 MoE: dense first layer, QKV bias, qk-norm, half the head dims rotated, shared
+        # experts and the sigmoid group-limited router (tests/test_glm4_moe.py, at these shapes)
+        "glm4_moe": ("glm4_moe", TinySpec(**dict(ds, multi_latent_attention=False, mla={}, num_query_groups=2,
+                                                   add_qkv_bias=True, rotary_percent=0.5, rotary_base=10000.0))),
+        # gpt-oss: attention sinks, biases everywhere, clamped SwiGLU with the +1 offset, a
+        # sliding window (3 + 1 keys) on layers 1 and 3 (tests/test_gpt_oss.py, at these shapes)
+        "gpt_oss": ("gpt_oss", TinySpec(**dict(moe, num_layers=3, qk_layernorm=False, layernorm_epsilon=1e-5, add_qkv_bias=True, add_bias_linear=True,
+                                                rotary_base=10000.0, extra=dict(BIG, **_oss_extra())))),
     }
+
+
+def _oss_extra() -> dict:
+    from megatron.core.activations import quick_gelu
+
+    return dict(softmax_type="learnable", window_size=(3, 0), window_attn_skip_freq=2, activation_func=quick_gelu,
+                glu_linear_offset=1.0, activation_func_clamp_value=7.0)
+
+
+def _build(name: str, spec):
+    """Megatron's model for ``name``, with the values its init leaves out: gpt-oss's sinks are
+    ``torch.empty``; GLM's expert bias is made non-negative (HF fills unchosen groups' experts
+    with 0 where Megatron uses -inf: with a negative biased score they could route apart)."""
+    from nemo_export_hooks.testing.cpu import build_gpt
+
+    m = build_gpt(spec)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in m.decoder.layers:
+            if name == "gpt_oss":
+                layer.self_attention.core_attention.softmax_offset.copy_(torch.randn(spec.num_attention_heads, generator=g))
+            router = getattr(layer.mlp, "router", None)
+            if name == "glm4_moe" and router is not None and router.expert_bias is not None:
+                router.expert_bias.copy_(0.1 * torch.randn(router.expert_bias.shape, generator=g).abs())
+    return m
 
 
 LAYOUTS = ("sequential", "te_sequential", "te_grouped", "legacy_grouped")
@@ -129,7 +162,7 @@ def main(argv: list[str]) -> int:
         layouts = LAYOUTS if spec.num_experts else ("dense",)
         for layout in layouts:
             try:
-                m = build_gpt(spec)
+                m = _build(name, spec)
                 tokens = _tokens(spec.vocab_size)
                 ref = _logprobs(m, tokens)
                 if layout != "dense":

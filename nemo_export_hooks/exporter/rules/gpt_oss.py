@@ -15,7 +15,9 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
 * Sliding window: Megatron ``window_size=(W, 0)`` keeps keys ``q - W .. q`` (``W + 1`` of
   them); HF ``sliding_window=S`` keeps ``q - S < k <= q`` (``S``).  So ``S = W + 1``.
   Megatron windows layer ``i`` (1-based) unless ``i % window_attn_skip_freq == 0`` (or by a
-  0/1 list); the config lists every layer in ``layer_types``.
+  0/1 list); the config lists every layer in ``layer_types``.  vLLM 0.32 ignores
+  ``layer_types`` and windows the even 0-based layers, and ignores ``rms_norm_eps`` (1e-5):
+  models that differ are refused, as they would load there and compute something else.
 * Experts: HF computes ``x @ gate_up_proj[e] + gate_up_proj_bias[e]`` with ``gate_up_proj``
   ``[E, H, 2F]``, gate/up columns interleaved (``gate = [..., ::2]``, ``up = [..., 1::2]``),
   then ``(clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g)``, ``g = clamp(gate, max=7)``, and
@@ -28,8 +30,9 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
   ``TopKRouter`` with ``add_bias_linear`` has the bias and with ``moe_router_pre_softmax=False``
   routes the same way.
 * RoPE: HF rotates halves (``chunk(2)``), as Megatron without ``rotary_interleaved``.  Only
-  plain RoPE is exported (``rope_type: default``); released gpt-oss checkpoints use YaRN,
-  which is refused here rather than guessed.
+  plain RoPE is exported, written as YaRN with factor 1.0 (:func:`_rope`: the same function,
+  and the only form vLLM's gpt-oss loads); released gpt-oss checkpoints use YaRN with
+  factor 32, which is refused here rather than guessed.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .base import QKV, ArchRule, Entry, ModelInfo, R, hf_config, require
 
 MODEL_TYPE = "gpt_oss"
 ALPHA, LIMIT = 1.702, 7.0  # hard-wired in transformers' GptOssExperts
+EPS = 1e-5  # hard-wired in vLLM's gpt-oss norms
 
 
 def _transpose_last(s: tuple) -> tuple:
@@ -118,6 +122,16 @@ def _check(info: ModelInfo) -> None:
     ws = getattr(c, "window_size", None)
     if ws:
         require(int(ws[1]) == 0, f"{m} sliding windows look back only; the model has window_size={tuple(ws)}")
+    # vLLM 0.32's gpt-oss reads neither layer_types nor rms_norm_eps: it windows the even
+    # layers (0, 2, ...) and normalises with eps 1e-5 (as every released gpt-oss does), so
+    # another model would load there silently and compute something else
+    windowed = [i for i, w in enumerate(_windowed(info)) if w]
+    even = list(range(0, info.num_layers, 2))
+    require(not windowed or windowed == even,
+            f"{m} windows the even layers {even} (window_attn_skip_freq=2; vLLM's gpt-oss ignores layer_types); "
+            f"the model windows layers {windowed}")
+    require(math.isclose(c.layernorm_epsilon, EPS, rel_tol=1e-9, abs_tol=0.0),
+            f"{m} normalises with eps {EPS} (vLLM's gpt-oss ignores rms_norm_eps); the model has layernorm_epsilon={c.layernorm_epsilon}")
     require(c.gated_linear_unit, f"{m} experts are gated (gated_linear_unit=True)")
     require(_is_quick_gelu(c), f"{m} experts use g * sigmoid({ALPHA} g) (activation_func=quick_gelu); the model uses {getattr(c.activation_func, '__name__', c.activation_func)!r}")
     require(getattr(c, "glu_linear_offset", 0.0) == 1.0, f"{m} experts compute (up + 1); the model has glu_linear_offset={getattr(c, 'glu_linear_offset', 0.0)}")
@@ -134,6 +148,16 @@ def _check(info: ModelInfo) -> None:
     require(not getattr(c, "moe_router_num_groups", None), f"{m} has no group-limited routing")
 
 
+def _rope(info: ModelInfo) -> dict:
+    """Plain RoPE written as YaRN with ``factor`` 1.0, which is plain RoPE exactly in every
+    reader: the interpolated and extrapolated inverse frequencies are the same numbers (so
+    ``beta_*`` and ``truncate`` choose between equals) and the attention factor is 1
+    (``0.1 ln(factor) + 1`` only for ``factor > 1``, in transformers and vLLM alike).  vLLM 0.32's
+    gpt-oss reads ``factor``, ``original_max_position_embeddings`` and ``beta_*`` unconditionally."""
+    return {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": int(info.attrs.max_sequence_length),
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+
+
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
     windowed = _windowed(info)
@@ -145,10 +169,11 @@ def _config(info: ModelInfo) -> dict:
         num_experts_per_tok=c.moe_router_topk,
         sliding_window=int(ws[0]) + 1 if ws else a.max_sequence_length,
         layer_types=["sliding_attention" if w else "full_attention" for w in windowed],
-        # plain RoPE, said so explicitly: transformers 5 reads a missing rope_parameters as
-        # gpt-oss's YaRN (factor 32); transformers 4.57 reads rope_scaling
-        rope_scaling={"rope_type": "default"},
-        rope_parameters={"rope_type": "default", "rope_theta": a.rotary_base},
+        # transformers 5 reads rope_parameters (a missing one is gpt-oss's YaRN, factor 32),
+        # 4.57 reads rope_scaling; vLLM's gpt-oss always builds YaRN from it (KeyError
+        # 'factor' on {"rope_type": "default"}): see _rope
+        rope_scaling=_rope(info),
+        rope_parameters=dict(_rope(info), rope_theta=a.rotary_base),
         swiglu_alpha=ALPHA,  # transformers 5 reads these; 4.57 hard-wires the same values
         swiglu_limit=LIMIT,
         hidden_act="silu",
