@@ -8,7 +8,8 @@ the interface: ``OUT/cases.json`` and, per case, ``OUT/<case>/hf`` (the export) 
 
 Shapes fit vLLM's CPU build: its attention supports head_dim 32, 64, 80, ... (not 16), and its
 Qwen2 uses hidden_size / num_attention_heads as head_dim, so kv_channels is exactly that; its MLA
-backends support only a latent of kv_lora_rank + qk_pos_emb_head_dim = 576 (DeepSeek's 512 + 64).
+backends support only a latent of kv_lora_rank + qk_pos_emb_head_dim = 576 (DeepSeek's 512 + 64);
+its gpt-oss normalises with eps 1e-5 whatever the config says (the exporter refuses another).
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def _build(name: str, spec):
 
 
 LAYOUTS = ("sequential", "te_sequential", "te_grouped", "legacy_grouped")
+# expert layouts a model cannot have: Megatron's legacy GroupedMLP refuses biases ("bias not
+# supported in Grouped GEMM yet"), and gpt-oss's experts have them
+NO_LAYOUT = {"gpt_oss": ("legacy_grouped",)}
 
 
 def _convert(model, layout: str) -> None:
@@ -159,7 +163,7 @@ def main(argv: list[str]) -> int:
         (out / "cases-nemotron_h.json").write_text(json.dumps(cases, indent=1))
         return 0
     for name, (arch, spec) in _specs().items():
-        layouts = LAYOUTS if spec.num_experts else ("dense",)
+        layouts = tuple(l for l in LAYOUTS if l not in NO_LAYOUT.get(name, ())) if spec.num_experts else ("dense",)
         for layout in layouts:
             try:
                 m = _build(name, spec)
