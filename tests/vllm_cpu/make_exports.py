@@ -14,6 +14,7 @@ its gpt-oss normalises with eps 1e-5 whatever the config says (the exporter refu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ def _specs():
               moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
               moe_shared_expert_intermediate_size=128, qk_layernorm=True, multi_latent_attention=True, mla=mla,
               extra=BIG)
-    return {
+    specs = {
         "llama": ("llama", TinySpec(**dict(dense, qk_layernorm=False, rotary_base=10000.0))),
         "llama-tied": ("llama", TinySpec(**dict(dense, qk_layernorm=False, rotary_base=10000.0, tie_embeddings=True))),
         "qwen2": ("qwen2", TinySpec(**dict(dense, qk_layernorm=False, add_qkv_bias=True))),
@@ -60,6 +61,13 @@ def _specs():
         "gpt_oss": ("gpt_oss", TinySpec(**dict(moe, num_layers=3, qk_layernorm=False, layernorm_epsilon=1e-5, add_qkv_bias=True, add_bias_linear=True,
                                                 rotary_base=10000.0, extra=dict(BIG, **_oss_extra())))),
     }
+    # gpt-oss with YaRN as released gpt-oss has it (truncate False), scaled to 16 original
+    # positions so the 16-token prompt sees interpolated dims and the 0.1 ln(4) + 1 attention factor
+    oss = specs["gpt_oss"][1]
+    specs["gpt_oss-yarn"] = ("gpt_oss", dataclasses.replace(oss, position_embedding_type="yarn", config_attrs=dict(
+        yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=16, yarn_beta_fast=32.0, yarn_beta_slow=1.0,
+        yarn_correction_range_round_to_int=False, yarn_mscale=1.0, yarn_mscale_all_dim=0.0)))
+    return specs
 
 
 def _oss_extra() -> dict:
@@ -79,7 +87,7 @@ def _build(name: str, spec):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in m.decoder.layers:
-            if name == "gpt_oss":
+            if name.startswith("gpt_oss"):
                 layer.self_attention.core_attention.softmax_offset.copy_(torch.randn(spec.num_attention_heads, generator=g))
             router = getattr(layer.mlp, "router", None)
             if name == "glm4_moe" and router is not None and router.expert_bias is not None:
@@ -90,7 +98,8 @@ def _build(name: str, spec):
 LAYOUTS = ("sequential", "te_sequential", "te_grouped", "legacy_grouped")
 # expert layouts a model cannot have: Megatron's legacy GroupedMLP refuses biases ("bias not
 # supported in Grouped GEMM yet"), and gpt-oss's experts have them
-NO_LAYOUT = {"gpt_oss": ("legacy_grouped",)}
+NO_LAYOUT = {"gpt_oss": ("legacy_grouped",),
+             "gpt_oss-yarn": ("te_sequential", "te_grouped", "legacy_grouped")}  # RoPE is no expert matter
 
 
 def _convert(model, layout: str) -> None:

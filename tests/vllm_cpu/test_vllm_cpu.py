@@ -146,7 +146,7 @@ ROPE_KERNEL = (f"vLLM {vllm.__version__} CPU rotary_embedding kernel mis-rotates
 CUSTOM_OPS = {"deepseek_v3": TORCH_ROPE}
 FP32_CASES = [f"{a}-{l}" for a in ("qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe") for l in LAYOUTS] + [
     # gpt-oss: no legacy_grouped (Megatron's legacy GroupedMLP has no biases)
-    f"gpt_oss-{l}" for l in LAYOUTS if l != "legacy_grouped"] + [
+    f"gpt_oss-{l}" for l in LAYOUTS if l != "legacy_grouped"] + ["gpt_oss-yarn-sequential"] + [
     "llama-dense", "llama-tied-dense", "qwen2-dense", "qwen3-dense"] + [
     f"nemotron_h-{l}" for l in LAYOUTS]
 
