@@ -33,7 +33,7 @@ def oss_spec(extra=None, **kw) -> TinySpec:
               activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=7.0)
     ex.update(extra or {})
     base = dict(
-        num_layers=3, num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, qk_layernorm=False,
+        num_layers=3, num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2, qk_layernorm=False, layernorm_epsilon=1e-5,
         add_qkv_bias=True, add_bias_linear=True, rotary_base=10000.0,
         extra=ex,
     )
@@ -100,6 +100,9 @@ def test_gpt_oss_window_is_exported(mcore, tmp_path):
         (dict(activation_func_clamp_value=None), {}, "experts clamp at 7.0"),
         (dict(softmax_type="vanilla"), {}, "learned sink per head"),
         ({}, dict(qk_layernorm=True), "has no qk-norm"),
+        # vLLM's gpt-oss ignores layer_types and rms_norm_eps (tests/vllm_cpu checks the numbers)
+        (dict(window_attn_skip_freq=None), {}, r"windows the even layers \[0, 2\].*the model windows layers \[0, 1, 2\]"),
+        ({}, dict(layernorm_epsilon=1e-6), r"normalises with eps 1e-05 .*layernorm_epsilon=1e-06"),
     ],
 )
 def test_gpt_oss_refuses(mcore, tmp_path, extra, kw, match):
@@ -160,3 +163,55 @@ def test_gpt_oss_quantized_experts_refused_at_planning(mcore, tmp_path):
     with pytest.raises(ArchMismatchError, match=r"layer 0 experts: arch 'gpt_oss' stacks experts into one tensor.*is quantized"):
         export_to_hf(m, tmp_path / "hf", arch="gpt_oss", dtype=torch.bfloat16)
     assert not (tmp_path / "hf").exists()
+
+
+def yarn_spec(factor=4.0, truncate=False, **attrs) -> TinySpec:
+    """gpt-oss with YaRN, as Megatron-Bridge / NeMo configure it (position_embedding_type="yarn"
+    and the yarn_* config fields), at a scale the 12-token test sequence feels: factor 4 over
+    16 original positions puts the correction ramp inside the 16 frequency pairs of head dim
+    32, so some dims interpolate, some extrapolate, and the attention factor is 1.139."""
+    ya = dict(yarn_rotary_scaling_factor=factor, yarn_original_max_position_embeddings=16, yarn_beta_fast=32.0,
+              yarn_beta_slow=1.0, yarn_correction_range_round_to_int=truncate, yarn_mscale=1.0, yarn_mscale_all_dim=0.0)
+    ya.update(attrs)
+    s = oss_spec()
+    s.position_embedding_type = "yarn"
+    s.config_attrs = ya
+    return s
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_gpt_oss_yarn_roundtrip(mcore, tmp_path, truncate):
+    spec = yarn_spec(truncate=truncate)
+    m = build(spec)
+    tokens = tokens_for(spec.vocab_size)
+    ref = megatron_logits(m, tokens)
+    export_to_hf(m, tmp_path / "hf", arch="gpt_oss", dtype=torch.float32)
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    want = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+            "beta_slow": 1.0, "truncate": truncate}
+    assert {k: cfg["rope_parameters"][k] for k in want} == want and cfg["rope_scaling"] == want
+    assert cfg["max_position_embeddings"] == 64
+    hf, _ = load_hf(tmp_path / "hf")
+    diff = (hf_logits(hf, tokens) - ref).abs().max().item()
+    assert diff <= ATOL, f"max abs logit diff {diff}"
+    # the YaRN parameters matter here: plain RoPE (factor 1) computes something else
+    for key in ("rope_parameters", "rope_scaling"):
+        cfg[key]["factor"] = 1.0
+    cfg_path.write_text(json.dumps(cfg))
+    hf, _ = load_hf(tmp_path / "hf")
+    assert (hf_logits(hf, tokens) - ref).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "attrs, match",
+    [
+        # NeMo 2's GPTOSSConfig: mscale and mscale_all_dim both 1, so Megatron's factor is 1.0
+        (dict(yarn_mscale=1.0, yarn_mscale_all_dim=1.0), r"scales q and k by 0.1 ln\(factor\) \+ 1 = 1.13863 .*concentration factor is 1 "),
+        (dict(yarn_rotary_scaling_factor=0.5), "yarn_rotary_scaling_factor >= 1"),
+    ],
+)
+def test_gpt_oss_yarn_refused_where_attention_factors_differ(mcore, tmp_path, attrs, match):
+    m = build(yarn_spec(**attrs))
+    with pytest.raises(ArchMismatchError, match=match):
+        export_to_hf(m, tmp_path / "hf", arch="gpt_oss", dtype=torch.float32)

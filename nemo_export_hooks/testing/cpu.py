@@ -119,6 +119,10 @@ class TinySpec:
     multi_latent_attention: bool = False
     mla: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    position_embedding_type: str = "rope"
+    # set on the built TransformerConfig: fields GPTModel reads that older megatron-core's
+    # config lacks (0.15's GPTModel(position_embedding_type="yarn") reads yarn_* this way)
+    config_attrs: dict = field(default_factory=dict)
 
 
 def _activation(name: str):
@@ -202,6 +206,8 @@ def build_gpt(spec: TinySpec | None = None, seed: int = 1234, pre_process=True, 
 
     spec = spec or TinySpec()
     cfg = transformer_config(spec, **config_overrides)
+    for k, v in spec.config_attrs.items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
     if spec.num_experts and spec.moe_layer_freq != 1:
         layer_spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization=spec.normalization)
@@ -226,7 +232,7 @@ def build_gpt(spec: TinySpec | None = None, seed: int = 1234, pre_process=True, 
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=spec.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type=spec.position_embedding_type,
         rotary_base=spec.rotary_base,
         rotary_percent=spec.rotary_percent,
         **kwargs,

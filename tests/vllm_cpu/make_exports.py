@@ -8,11 +8,13 @@ the interface: ``OUT/cases.json`` and, per case, ``OUT/<case>/hf`` (the export) 
 
 Shapes fit vLLM's CPU build: its attention supports head_dim 32, 64, 80, ... (not 16), and its
 Qwen2 uses hidden_size / num_attention_heads as head_dim, so kv_channels is exactly that; its MLA
-backends support only a latent of kv_lora_rank + qk_pos_emb_head_dim = 576 (DeepSeek's 512 + 64).
+backends support only a latent of kv_lora_rank + qk_pos_emb_head_dim = 576 (DeepSeek's 512 + 64);
+its gpt-oss normalises with eps 1e-5 whatever the config says (the exporter refuses another).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -42,7 +44,7 @@ def _specs():
               moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
               moe_shared_expert_intermediate_size=128, qk_layernorm=True, multi_latent_attention=True, mla=mla,
               extra=BIG)
-    return {
+    specs = {
         "llama": ("llama", TinySpec(**dict(dense, qk_layernorm=False, rotary_base=10000.0))),
         "llama-tied": ("llama", TinySpec(**dict(dense, qk_layernorm=False, rotary_base=10000.0, tie_embeddings=True))),
         "qwen2": ("qwen2", TinySpec(**dict(dense, qk_layernorm=False, add_qkv_bias=True))),
@@ -50,10 +52,54 @@ def _specs():
         "qwen3_moe": ("qwen3_moe", TinySpec(**dict(moe, num_layers=3, moe_layer_freq=[0, 1, 1]))),
         "mixtral": ("mixtral", TinySpec(**dict(moe, qk_layernorm=False, rotary_base=10000.0))),
         "deepseek_v3": ("deepseek_v3", TinySpec(**ds)),
+        # GLM-4.5 MoE: dense first layer, QKV bias, qk-norm, half the head dims rotated, shared
+        # experts and the sigmoid group-limited router (tests/test_glm4_moe.py, at these shapes)
+        "glm4_moe": ("glm4_moe", TinySpec(**dict(ds, multi_latent_attention=False, mla={}, num_query_groups=2,
+                                                   add_qkv_bias=True, rotary_percent=0.5, rotary_base=10000.0))),
+        # gpt-oss: attention sinks, biases everywhere, clamped SwiGLU with the +1 offset, a
+        # sliding window (3 + 1 keys) on layers 1 and 3 (tests/test_gpt_oss.py, at these shapes)
+        "gpt_oss": ("gpt_oss", TinySpec(**dict(moe, num_layers=3, qk_layernorm=False, layernorm_epsilon=1e-5, add_qkv_bias=True, add_bias_linear=True,
+                                                rotary_base=10000.0, extra=dict(BIG, **_oss_extra())))),
     }
+    # gpt-oss with YaRN as released gpt-oss has it (truncate False), scaled to 16 original
+    # positions so the 16-token prompt sees interpolated dims and the 0.1 ln(4) + 1 attention factor
+    oss = specs["gpt_oss"][1]
+    specs["gpt_oss-yarn"] = ("gpt_oss", dataclasses.replace(oss, position_embedding_type="yarn", config_attrs=dict(
+        yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=16, yarn_beta_fast=32.0, yarn_beta_slow=1.0,
+        yarn_correction_range_round_to_int=False, yarn_mscale=1.0, yarn_mscale_all_dim=0.0)))
+    return specs
+
+
+def _oss_extra() -> dict:
+    from megatron.core.activations import quick_gelu
+
+    return dict(softmax_type="learnable", window_size=(3, 0), window_attn_skip_freq=2, activation_func=quick_gelu,
+                glu_linear_offset=1.0, activation_func_clamp_value=7.0)
+
+
+def _build(name: str, spec):
+    """Megatron's model for ``name``, with the values its init leaves out: gpt-oss's sinks are
+    ``torch.empty``; GLM's expert bias is made non-negative (HF fills unchosen groups' experts
+    with 0 where Megatron uses -inf: with a negative biased score they could route apart)."""
+    from nemo_export_hooks.testing.cpu import build_gpt
+
+    m = build_gpt(spec)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in m.decoder.layers:
+            if name.startswith("gpt_oss"):
+                layer.self_attention.core_attention.softmax_offset.copy_(torch.randn(spec.num_attention_heads, generator=g))
+            router = getattr(layer.mlp, "router", None)
+            if name == "glm4_moe" and router is not None and router.expert_bias is not None:
+                router.expert_bias.copy_(0.1 * torch.randn(router.expert_bias.shape, generator=g).abs())
+    return m
 
 
 LAYOUTS = ("sequential", "te_sequential", "te_grouped", "legacy_grouped")
+# expert layouts a model cannot have: Megatron's legacy GroupedMLP refuses biases ("bias not
+# supported in Grouped GEMM yet"), and gpt-oss's experts have them
+NO_LAYOUT = {"gpt_oss": ("legacy_grouped",),
+             "gpt_oss-yarn": ("te_sequential", "te_grouped", "legacy_grouped")}  # RoPE is no expert matter
 
 
 def _convert(model, layout: str) -> None:
@@ -126,10 +172,10 @@ def main(argv: list[str]) -> int:
         (out / "cases-nemotron_h.json").write_text(json.dumps(cases, indent=1))
         return 0
     for name, (arch, spec) in _specs().items():
-        layouts = LAYOUTS if spec.num_experts else ("dense",)
+        layouts = tuple(l for l in LAYOUTS if l not in NO_LAYOUT.get(name, ())) if spec.num_experts else ("dense",)
         for layout in layouts:
             try:
-                m = build_gpt(spec)
+                m = _build(name, spec)
                 tokens = _tokens(spec.vocab_size)
                 ref = _logprobs(m, tokens)
                 if layout != "dense":

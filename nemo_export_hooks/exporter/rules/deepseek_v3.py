@@ -188,14 +188,15 @@ def _config(info: ModelInfo) -> dict:
             scoring_func="sigmoid",
             topk_method="noaux_tc",
         )
-    else:  # a dense MLA model: every layer below first_k_dense_replace
+    else:  # a dense MLA model: every layer below first_k_dense_replace; the MoE keys are
+        # ints, which transformers 5's config requires (n_shared_experts=None is refused)
         cfg.update(
             first_k_dense_replace=info.num_layers,
             moe_layer_freq=1,
-            n_routed_experts=None,
-            num_experts_per_tok=None,
+            n_routed_experts=1,
+            num_experts_per_tok=1,
             moe_intermediate_size=c.ffn_hidden_size,
-            n_shared_experts=None,
+            n_shared_experts=0,
             n_group=1,
             topk_group=1,
             routed_scaling_factor=1.0,

@@ -15,7 +15,9 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
 * Sliding window: Megatron ``window_size=(W, 0)`` keeps keys ``q - W .. q`` (``W + 1`` of
   them); HF ``sliding_window=S`` keeps ``q - S < k <= q`` (``S``).  So ``S = W + 1``.
   Megatron windows layer ``i`` (1-based) unless ``i % window_attn_skip_freq == 0`` (or by a
-  0/1 list); the config lists every layer in ``layer_types``.
+  0/1 list); the config lists every layer in ``layer_types``.  vLLM 0.32 ignores
+  ``layer_types`` and windows the even 0-based layers, and ignores ``rms_norm_eps`` (1e-5):
+  models that differ are refused, as they would load there and compute something else.
 * Experts: HF computes ``x @ gate_up_proj[e] + gate_up_proj_bias[e]`` with ``gate_up_proj``
   ``[E, H, 2F]``, gate/up columns interleaved (``gate = [..., ::2]``, ``up = [..., 1::2]``),
   then ``(clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g)``, ``g = clamp(gate, max=7)``, and
@@ -27,9 +29,11 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
 * Router: HF ``linear(x, weight, bias)``, top-k on the logits, softmax over the k; Megatron's
   ``TopKRouter`` with ``add_bias_linear`` has the bias and with ``moe_router_pre_softmax=False``
   routes the same way.
-* RoPE: HF rotates halves (``chunk(2)``), as Megatron without ``rotary_interleaved``.  Only
-  plain RoPE is exported (``rope_type: default``); released gpt-oss checkpoints use YaRN,
-  which is refused here rather than guessed.
+* RoPE: HF rotates halves (``chunk(2)``), as Megatron without ``rotary_interleaved``.
+  Megatron ``position_embedding_type="yarn"`` (released gpt-oss: factor 32 over 4096
+  positions, ``truncate`` False) exports as HF's YaRN when the attention factors agree
+  (:func:`_check_yarn`); plain RoPE is written as YaRN with factor 1.0 (:func:`_rope`: the
+  same function, and the only form vLLM's gpt-oss loads).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from .base import QKV, ArchRule, Entry, ModelInfo, R, hf_config, require
 
 MODEL_TYPE = "gpt_oss"
 ALPHA, LIMIT = 1.702, 7.0  # hard-wired in transformers' GptOssExperts
+EPS = 1e-5  # hard-wired in vLLM's gpt-oss norms
 
 
 def _transpose_last(s: tuple) -> tuple:
@@ -108,9 +113,12 @@ def _check(info: ModelInfo) -> None:
     require(bool(c.add_bias_linear), f"{m} has biases on every linear layer and the router (add_bias_linear=True)")
     require(getattr(c, "softmax_type", "vanilla") == "learnable",
             f"{m} attention has a learned sink per head (softmax_type='learnable'); the model has softmax_type={getattr(c, 'softmax_type', 'vanilla')!r}")
-    require(a.position_embedding_type == "rope", f"{m} needs rotary embeddings, the model has {a['position_embedding_type']!r}")
+    require(a.position_embedding_type in ("rope", "yarn"),
+            f"{m} needs rotary embeddings (rope or yarn), the model has {a['position_embedding_type']!r}")
     require(not a.rope_scaling and a.rotary_percent == 1.0,
-            f"{m} export supports plain RoPE on all head dims (no rope scaling, rotary_percent=1.0)")
+            f"{m} export supports RoPE or YaRN on all head dims (no Llama-3.1 rotary_scaling, rotary_percent=1.0)")
+    if a.position_embedding_type == "yarn":
+        _check_yarn(c)
     require(not c.rotary_interleaved, f"{m} rotates halves; the model has rotary_interleaved=True")
     head_dim = c.kv_channels or c.hidden_size // c.num_attention_heads
     sm = getattr(c, "softmax_scale", None)
@@ -118,6 +126,16 @@ def _check(info: ModelInfo) -> None:
     ws = getattr(c, "window_size", None)
     if ws:
         require(int(ws[1]) == 0, f"{m} sliding windows look back only; the model has window_size={tuple(ws)}")
+    # vLLM 0.32's gpt-oss reads neither layer_types nor rms_norm_eps: it windows the even
+    # layers (0, 2, ...) and normalises with eps 1e-5 (as every released gpt-oss does), so
+    # another model would load there silently and compute something else
+    windowed = [i for i, w in enumerate(_windowed(info)) if w]
+    even = list(range(0, info.num_layers, 2))
+    require(not windowed or windowed == even,
+            f"{m} windows the even layers {even} (window_attn_skip_freq=2; vLLM's gpt-oss ignores layer_types); "
+            f"the model windows layers {windowed}")
+    require(math.isclose(c.layernorm_epsilon, EPS, rel_tol=1e-9, abs_tol=0.0),
+            f"{m} normalises with eps {EPS} (vLLM's gpt-oss ignores rms_norm_eps); the model has layernorm_epsilon={c.layernorm_epsilon}")
     require(c.gated_linear_unit, f"{m} experts are gated (gated_linear_unit=True)")
     require(_is_quick_gelu(c), f"{m} experts use g * sigmoid({ALPHA} g) (activation_func=quick_gelu); the model uses {getattr(c.activation_func, '__name__', c.activation_func)!r}")
     require(getattr(c, "glu_linear_offset", 0.0) == 1.0, f"{m} experts compute (up + 1); the model has glu_linear_offset={getattr(c, 'glu_linear_offset', 0.0)}")
@@ -134,10 +152,76 @@ def _check(info: ModelInfo) -> None:
     require(not getattr(c, "moe_router_num_groups", None), f"{m} has no group-limited routing")
 
 
+YARN_KEYS = {  # Megatron config field -> HF rope_parameters key
+    "yarn_rotary_scaling_factor": "factor",
+    "yarn_original_max_position_embeddings": "original_max_position_embeddings",
+    "yarn_beta_fast": "beta_fast",
+    "yarn_beta_slow": "beta_slow",
+    "yarn_correction_range_round_to_int": "truncate",
+}
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    # Megatron yarn_rotary_pos_embedding._yarn_get_mscale == HF / vLLM get_mscale
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _concentration(c) -> float:
+    """Megatron's YaRN attention factor (``_yarn_get_concentration_factor``): the cos/sin of
+    q and k are both multiplied by it.  ``mscale(f, yarn_mscale) / mscale(f, yarn_mscale_all_dim)``;
+    megatron-core 0.19 takes ``mscale(f)`` when either is None (0.15's GPTModel needs both)."""
+    f, ms, ms_all = c.yarn_rotary_scaling_factor, getattr(c, "yarn_mscale", None), getattr(c, "yarn_mscale_all_dim", None)
+    if ms is None or ms_all is None:
+        return _yarn_mscale(f)
+    return _yarn_mscale(f, ms) / _yarn_mscale(f, ms_all)
+
+
+def _check_yarn(c) -> None:
+    """YaRN as gpt-oss computes it.  Megatron's ``YarnRotaryEmbedding`` and transformers'
+    ``_compute_yarn_parameters`` (and vLLM's ``YaRNScalingRotaryEmbedding``) build the same
+    inverse frequencies from ``factor``, ``original_max_position_embeddings``, ``beta_fast``,
+    ``beta_slow`` and the rounding of the correction range (Megatron
+    ``yarn_correction_range_round_to_int`` = HF ``truncate``), on all ``kv_channels`` dims.
+    The attention factor is where they can part: HF infers ``0.1 ln(factor) + 1`` from a
+    gpt-oss config and vLLM's gpt-oss hard-wires it (it reads no ``attention_factor`` or
+    ``mscale``), while Megatron uses :func:`_concentration` -- e.g. NeMo 2's GPTOSSConfig
+    (``yarn_mscale = yarn_mscale_all_dim = 1.0``) gives 1.0 on megatron-core 0.15.  Another
+    factor is refused, naming both."""
+    m = MODEL_TYPE
+    missing = [k for k in YARN_KEYS if getattr(c, k, None) is None]
+    require(not missing, f"{m} YaRN needs the config fields {missing} (position_embedding_type='yarn')")
+    f = float(c.yarn_rotary_scaling_factor)
+    require(f >= 1.0, f"{m} YaRN needs yarn_rotary_scaling_factor >= 1, the model has {f}")
+    got, want = _concentration(c), _yarn_mscale(f)
+    require(math.isclose(got, want, rel_tol=0, abs_tol=1e-9),
+            f"{m} YaRN scales q and k by 0.1 ln(factor) + 1 = {want:.6g} (transformers infers it, vLLM's gpt-oss hard-wires it); "
+            f"the model's concentration factor is {got:.6g} (yarn_mscale={getattr(c, 'yarn_mscale', None)}, "
+            f"yarn_mscale_all_dim={getattr(c, 'yarn_mscale_all_dim', None)})")
+
+
+def _rope(info: ModelInfo) -> dict:
+    """The model's YaRN (:func:`_check_yarn`), or plain RoPE written as YaRN with ``factor``
+    1.0, which is plain RoPE exactly in every reader: the interpolated and extrapolated inverse
+    frequencies are the same numbers (so ``beta_*`` and ``truncate`` choose between equals) and
+    the attention factor is 1 (``0.1 ln(factor) + 1`` only for ``factor > 1``, in transformers
+    and vLLM alike).  vLLM 0.32's gpt-oss reads ``factor``, ``original_max_position_embeddings``
+    and ``beta_*`` unconditionally, so ``{"rope_type": "default"}`` does not load there."""
+    c = info.config
+    if info.attrs.position_embedding_type == "yarn":
+        out = {"rope_type": "yarn"}
+        for k, hf in YARN_KEYS.items():
+            v = getattr(c, k)
+            out[hf] = bool(v) if hf == "truncate" else int(v) if hf.startswith("original") else float(v)
+        return out
+    return {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": int(info.attrs.max_sequence_length),
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
+
+
 def _config(info: ModelInfo) -> dict:
     c, a = info.config, info.attrs
     windowed = _windowed(info)
     ws = getattr(c, "window_size", None)
+    rope = _rope(info)
     return hf_config(
         info, MODEL_TYPE, "GptOssForCausalLM",
         intermediate_size=c.moe_ffn_hidden_size,
@@ -145,10 +229,12 @@ def _config(info: ModelInfo) -> dict:
         num_experts_per_tok=c.moe_router_topk,
         sliding_window=int(ws[0]) + 1 if ws else a.max_sequence_length,
         layer_types=["sliding_attention" if w else "full_attention" for w in windowed],
-        # plain RoPE, said so explicitly: transformers 5 reads a missing rope_parameters as
-        # gpt-oss's YaRN (factor 32); transformers 4.57 reads rope_scaling
-        rope_scaling={"rope_type": "default"},
-        rope_parameters={"rope_type": "default", "rope_theta": a.rotary_base},
+        # transformers 5 reads rope_parameters (a missing one is gpt-oss's YaRN, factor 32),
+        # 4.57 reads rope_scaling; vLLM's gpt-oss always builds YaRN from it (KeyError
+        # 'factor' on {"rope_type": "default"}): see _rope
+        rope_scaling=rope,
+        rope_parameters=dict(rope, rope_theta=a.rotary_base),
+        max_position_embeddings=max(a.max_sequence_length, int(rope["original_max_position_embeddings"] * rope["factor"])),
         swiglu_alpha=ALPHA,  # transformers 5 reads these; 4.57 hard-wires the same values
         swiglu_limit=LIMIT,
         hidden_act="silu",
