@@ -51,6 +51,7 @@ def _oss():
     from megatron.core.activations import quick_gelu
 
     return dict(num_layers=3, qk_layernorm=False, add_qkv_bias=True, add_bias_linear=True, rotary_base=10000.0,
+                layernorm_epsilon=1e-5,  # vLLM hard-codes 1e-5 for gpt-oss: the rule refuses others
                 extra=dict(init_method_std=0.2, softmax_type="learnable", window_size=(3, 0), window_attn_skip_freq=2,
                            activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=7.0))
 
