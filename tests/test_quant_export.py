@@ -23,19 +23,24 @@ from nemo_export_hooks.testing.layouts import to_te_grouped
 mtq = pytest.importorskip("modelopt.torch.quantization")
 
 
-def _quantize(cfg, spec=None, seed=1234):
-    model = build_gpt(spec or TinySpec(), seed=seed)
+def quantize_on_cpu(model, cfg, vocab_size: int = 128, forward=megatron_logits):
+    """``mtq.quantize`` with two calibration batches of random tokens (ModelOpt's CPU path);
+    also used by the other architectures' quantized-export tests."""
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 128, (2, 12), generator=g) for _ in range(2)]
+    batches = [torch.randint(0, vocab_size, (2, 12), generator=g) for _ in range(2)]
 
     def loop(m):
         for t in batches:
-            megatron_logits(m, t)
+            forward(m, t)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mtq.quantize(model, cfg, loop)
     return model
+
+
+def _quantize(cfg, spec=None, seed=1234):
+    return quantize_on_cpu(build_gpt(spec or TinySpec(), seed=seed), cfg)
 
 
 def _read(path):

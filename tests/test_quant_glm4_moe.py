@@ -8,7 +8,6 @@ embeddings, norms and lm_head stay unquantized; names and unpacked shapes match 
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -16,29 +15,18 @@ import torch
 from quant_decoder import decode
 from nemo_export_hooks import export_to_hf
 from nemo_export_hooks.publish import verify_export
-from nemo_export_hooks.testing.cpu import megatron_logits
 
 pytest.importorskip("transformers.models.glm4_moe")
 mtq = pytest.importorskip("modelopt.torch.quantization")
 
 from test_glm4_moe import build, glm_spec  # noqa: E402
-from test_quant_export import CFGS, _fake_quant, _group, _read  # noqa: E402
+from test_quant_export import CFGS, _fake_quant, _group, _read, quantize_on_cpu  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=sorted(CFGS))
 def quantized(mcore, request):
     spec = glm_spec()
-    model = build(spec)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, spec.vocab_size, (2, 12), generator=g) for _ in range(2)]
-
-    def loop(m):
-        for t in batches:
-            megatron_logits(m, t)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mtq.quantize(model, getattr(mtq, CFGS[request.param]), loop)
+    model = quantize_on_cpu(build(spec), getattr(mtq, CFGS[request.param]), spec.vocab_size)
     return request.param, spec, model
 
 

@@ -13,7 +13,6 @@ megatron-core >= 0.19 (``make test-mcore19``)."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from nemo_export_hooks.publish import verify_export
 mtq = pytest.importorskip("modelopt.torch.quantization")
 
 from test_qwen3_next import build, megatron_logits, needs_gdn, next_spec  # noqa: E402
-from test_quant_export import CFGS, _fake_quant, _group, _read  # noqa: E402
+from test_quant_export import CFGS, _fake_quant, _group, _read, quantize_on_cpu  # noqa: E402
 
 pytestmark = needs_gdn
 
@@ -33,17 +32,7 @@ pytestmark = needs_gdn
 @pytest.fixture(scope="module", params=sorted(CFGS))
 def quantized(mcore, request):
     spec = next_spec()
-    model = build(spec)
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, spec.vocab_size, (2, 12), generator=g) for _ in range(2)]
-
-    def loop(m):
-        for t in batches:
-            megatron_logits(m, t)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mtq.quantize(model, getattr(mtq, CFGS[request.param]), loop)
+    model = quantize_on_cpu(build(spec), getattr(mtq, CFGS[request.param]), spec.vocab_size, forward=megatron_logits)
     return request.param, spec, model
 
 
