@@ -71,6 +71,8 @@ $(STAMP_VLLM): pyproject.toml constraints-vllm.txt
 	$(VENV_VLLM)/bin/python -m pip install -q --no-deps -e .
 	# NemotronH's hybrid stack with MoE layers needs megatron-core 0.16: beside 0.15.3, for its export only
 	$(VENV_VLLM)/bin/python -m pip install -q --no-deps --target $(VENV_VLLM)/mcore-0.16.1 megatron-core==0.16.1
+	# Qwen3-Next's Gated DeltaNet layers need megatron-core 0.19 (it declares Python >= 3.12, runs on 3.11)
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps --ignore-requires-python --target $(VENV_VLLM)/mcore-0.19.2 megatron-core==0.19.2
 	touch $(STAMP_VLLM)
 
 test-vllm: $(STAMP_VLLM)

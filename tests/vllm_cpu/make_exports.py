@@ -153,10 +153,33 @@ def _nemotron_h(out: Path, cases: list) -> None:
         cases.append(_write(out, f"nemotron_h-{layout}", m, "nemotron_h", torch.float32, layout, ref, tokens))
 
 
+def _qwen3_next(out: Path, cases: list) -> None:
+    """Qwen3-Next (megatron-core >= 0.19: Gated DeltaNet in HybridModel), pattern ``GE*E``.
+    vLLM's CPU DeltaNet kernel (``chunk_gated_delta_rule_cpu``) takes head dims of 128 only
+    ("Unexpected head dim size, 32") and bf16 only ("CPU GDN attention requires BF16."): the
+    linear-attention heads are 128 wide; the export is fp32, vLLM runs it in bf16."""
+    import torch._dynamo
+
+    from nemo_export_hooks.testing.cpu import TinySpec
+    from nemo_export_hooks.testing.hybrid import build_hybrid
+
+    ex = dict(layernorm_zero_centered_gamma=True, attention_output_gate=True, moe_shared_expert_gate=True,
+              deterministic_mode=True, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+              linear_num_key_heads=2, linear_num_value_heads=4, **BIG)
+    spec = TinySpec(**dict(HEADS, num_layers=4, num_experts=4, moe_router_topk=2, moe_shared_expert_intermediate_size=96,
+                           qk_layernorm=True, rotary_percent=0.25, extra=ex))
+    m = build_hybrid(spec, "GE*E")
+    tokens = _tokens(spec.vocab_size)
+    with torch._dynamo.config.patch(disable=True):  # megatron-core compiles the GDN helpers: same function, eagerly
+        ref = _logprobs(m, tokens)
+    cases.append(_write(out, "qwen3_next-sequential", m, "qwen3_next", torch.float32, "sequential", ref, tokens))
+
+
 def main(argv: list[str]) -> int:
     """``make_exports.py OUT`` (every GPT arch, cases.json) or ``make_exports.py OUT nemotron_h``
     (NemotronH only, cases-nemotron_h.json: megatron-core >= 0.16, whose hybrid stack has MoE
-    layers and the layer types the exporter reads; the test puts that version on PYTHONPATH)."""
+    layers and the layer types the exporter reads; the test puts that version on PYTHONPATH), or
+    ``make_exports.py OUT qwen3_next`` (cases-qwen3_next.json: megatron-core >= 0.19)."""
     from nemo_export_hooks.testing.cpu import build_gpt, init_single_process
 
     out = Path(argv[0])
@@ -164,12 +187,13 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     init_single_process()
     cases: list[dict] = []
-    if argv[1:] == ["nemotron_h"]:
+    hybrid = {"nemotron_h": _nemotron_h, "qwen3_next": _qwen3_next}
+    if len(argv) == 2 and argv[1] in hybrid:
         try:
-            _nemotron_h(out, cases)
+            hybrid[argv[1]](out, cases)
         except Exception as e:  # noqa: BLE001
-            cases.append({"case": "nemotron_h", "arch": "nemotron_h", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]})
-        (out / "cases-nemotron_h.json").write_text(json.dumps(cases, indent=1))
+            cases.append({"case": argv[1], "arch": argv[1], "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]})
+        (out / f"cases-{argv[1]}.json").write_text(json.dumps(cases, indent=1))
         return 0
     for name, (arch, spec) in _specs().items():
         layouts = tuple(l for l in LAYOUTS if l not in NO_LAYOUT.get(name, ())) if spec.num_experts else ("dense",)

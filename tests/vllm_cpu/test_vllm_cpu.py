@@ -47,6 +47,8 @@ GEN = 24  # greedy tokens per prompt
 # NemotronH is exported with megatron-core 0.16.1 (MoE layers in the hybrid stack), which
 # `make test-vllm` installs beside the venv's 0.15.3 (DeepSeek-V3's MLA builds on CPU only there).
 MCORE_HYBRID = os.environ.get("NEH_VLLM_MCORE_HYBRID", str(HERE.parents[1] / ".venv-vllm" / "mcore-0.16.1"))
+# Qwen3-Next (Gated DeltaNet in HybridModel) needs megatron-core 0.19, installed beside it too.
+MCORE_GDN = os.environ.get("NEH_VLLM_MCORE_GDN", str(HERE.parents[1] / ".venv-vllm" / "mcore-0.19.2"))
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +226,76 @@ def test_check_fails_on_an_export_with_one_expert_deleted(exports, tmp_path):
     # the one with an expert missing must not
     with pytest.raises(AssertionError, match=r"max \|vLLM - Megatron\| prompt log-prob"):
         check_export(bad)
+
+
+# vLLM's CPU DeltaNet runs in bf16 only ("CPU GDN attention requires BF16."), so Qwen3-Next is
+# compared in bf16 against Megatron's fp32 over vLLM's top-20 prompt log-probs: measured
+# 2026-12-01, vLLM 0.09 and transformers' own bf16 forward of the same export 0.10 (printed, and
+# bounded too), a broken DeltaNet mapping 3.7 (test_qwen3_next_check_fails_on_swapped_in_proj_ba).
+BF16_ATOL = 0.3
+
+
+@pytest.fixture(scope="module")
+def qwen3_next_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vllm_qwen3_next")
+    r = subprocess.run([sys.executable, str(HERE / "make_exports.py"), str(out), "qwen3_next"], cwd=HERE.parents[1],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": MCORE_GDN})
+    assert r.returncode == 0, r.stderr[-4000:]
+    (c,) = json.loads((out / "cases-qwen3_next.json").read_text())
+    assert "error" not in c, f"export failed: {c['error']}\n{c.get('traceback', '')}"
+    return out / c["case"]
+
+
+def _bf16_worst(case_dir: Path) -> tuple[float, int, list]:
+    ref = load_file(str(case_dir / "megatron.safetensors"))
+    llm = _load(case_dir / "hf", "bfloat16")
+    try:
+        got = vllm_prompt_logprobs(llm, ref["tokens"])
+    finally:
+        del llm
+        _cleanup()
+    worst, n = compare(got, ref["tokens"], ref["logprobs"])
+    return worst, n, got
+
+
+def test_qwen3_next_bf16_prompt_logprobs_match_megatron(qwen3_next_export):
+    from transformers import AutoModelForCausalLM
+
+    d = qwen3_next_export
+    try:
+        worst, n, got = _bf16_worst(d)
+    except Unsupported as e:
+        pytest.skip(f"vLLM {vllm.__version__} (CPU) cannot run qwen3_next: {e}")
+    ref = load_file(str(d / "megatron.safetensors"))
+    hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        hf_lp = torch.log_softmax(hf(input_ids=ref["tokens"]).logits.float(), dim=-1)
+    hf_got = [[{t: float(hf_lp[b, i - 1, t]) for t in pos} if i else {} for i, pos in enumerate(seq)] for b, seq in enumerate(got)]
+    hf_worst, _ = compare(hf_got, ref["tokens"], ref["logprobs"])
+    print(f"VLLM-CHECK qwen3_next-sequential bf16: max |dlogprob| vLLM {worst:.3g}, transformers bf16 {hf_worst:.3g} over {n} values")
+    assert n > 0 and hf_worst <= BF16_ATOL, hf_worst  # the tolerance is bf16's, not a mapping's
+    assert worst <= BF16_ATOL, f"qwen3_next: max |vLLM bf16 - Megatron fp32| prompt log-prob {worst:.3g} > {BF16_ATOL}"
+
+
+def test_qwen3_next_check_fails_on_swapped_in_proj_ba(qwen3_next_export, tmp_path):
+    """The bf16 check can fail: layer 0's in_proj_ba with its beta and alpha rows swapped."""
+    bad = tmp_path / "qwen3_next-swapped"
+    shutil.copytree(qwen3_next_export, bad)
+    key, hit = "model.layers.0.linear_attn.in_proj_ba.weight", 0
+    for f in sorted((bad / "hf").glob("*.safetensors")):
+        t = load_file(str(f))
+        if key in t:
+            w, h = t[key], t[key].shape[0] // 2
+            t[key] = torch.cat([w[h:], w[:h]]).contiguous()
+            save_file(t, str(f), metadata={"format": "pt"})
+            hit += 1
+    assert hit == 1
+    try:
+        worst, _, _ = _bf16_worst(bad)
+    except Unsupported as e:
+        pytest.skip(f"vLLM {vllm.__version__} (CPU) cannot run qwen3_next: {e}")
+    print(f"VLLM-CHECK qwen3_next swapped in_proj_ba bf16: {worst:.3g}")
+    assert worst > BF16_ATOL, f"a swapped in_proj_ba passed the bf16 check ({worst:.3g} <= {BF16_ATOL})"
 
 
 def test_bf16_greedy_generation(exports):
