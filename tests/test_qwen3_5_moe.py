@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import hf_logits, tokens_for
-from test_qwen3_next import ATOL, build, megatron_logits, needs_gdn, next_spec
+from test_qwen3_next import ATOL, build, megatron_logits, needs_gdn, next_spec, run_tp2
 
 ARCH = "qwen3_5_moe_text"
 PATTERN = "GE*EGEGE"  # HF layers: linear, full, linear, linear; MoE in each
@@ -122,28 +122,9 @@ def test_qwen3_5_moe_tp2_matches_single_rank(mcore, tmp_path):
     """TP=2 under torchrun (tests/dist/run_qwen3_next.py): the four in_proj parts come from
     each rank's slice of every part; Megatron's TP=2 forward on per-part shards gives the
     single-rank logits, and the export equals the single-rank export byte for byte."""
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    sys.path.insert(0, str(Path(__file__).parent / "dist"))
-    import dist_common as C
-    from test_distributed import torchrun
-
     spec = next_spec()
     m = build(spec, PATTERN)
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    C.save_reference_state(m, ref / "megatron.safetensors")
-    save_file({"logits": megatron_logits(m, C.tokens_for(spec.vocab_size)).contiguous()}, str(ref / "logits.safetensors"))
-    export(m, ref / "hf")
-    out = tmp_path / "out"
-    out.mkdir()
-    rc, log = torchrun(2, ["--ref", str(ref), "--out", str(out), "--arch", ARCH, "--pattern", PATTERN], out / "torchrun.log",
-                       program="run_qwen3_next.py")
-    assert rc == 0, log[-4000:]
-    res = json.loads((out / "results.json").read_text())
+    res = run_tp2(m, spec, tmp_path, export, ["--arch", ARCH, "--pattern", PATTERN])
     assert res["logit_diff"] <= ATOL and res["naive_logit_diff"] > 1e-2, res
     assert res["diff"] == [] and res["same_config"] and res["n"] == 3 + 3 * 28 + 25, res
 

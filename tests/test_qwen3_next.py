@@ -239,12 +239,9 @@ def test_registered():
     assert get_rule("qwen3_next").architecture == "Qwen3NextForCausalLM"
 
 
-@needs_gdn
-@pytest.mark.dist
-def test_qwen3_next_tp2_matches_single_rank(mcore, tmp_path):
-    """TP=2 (tests/dist/run_qwen3_next.py under torchrun, gloo): each DeltaNet in_proj / conv1d
-    shard holds its rank's slice of every part; Megatron's TP=2 forward on those shards gives the
-    world-size-1 logits, and the export equals the world-size-1 export byte for byte."""
+def run_tp2(m, spec, tmp_path, export_fn=None, args=()) -> dict:
+    """Save ``m``'s state, logits and world-size-1 export as the reference, run
+    tests/dist/run_qwen3_next.py on 2 ranks (torchrun, gloo) with ``args``, return its results."""
     import sys
     from pathlib import Path
 
@@ -254,18 +251,27 @@ def test_qwen3_next_tp2_matches_single_rank(mcore, tmp_path):
     import dist_common as C
     from test_distributed import torchrun
 
-    spec = next_spec()
-    m = build(spec)
     ref = tmp_path / "ref"
     ref.mkdir()
     C.save_reference_state(m, ref / "megatron.safetensors")
     save_file({"logits": megatron_logits(m, C.tokens_for(spec.vocab_size)).contiguous()}, str(ref / "logits.safetensors"))
-    export(m, ref / "hf")
+    (export_fn or export)(m, ref / "hf")
     out = tmp_path / "out"
     out.mkdir()
-    rc, log = torchrun(2, ["--ref", str(ref), "--out", str(out)], out / "torchrun.log", program="run_qwen3_next.py")
+    rc, log = torchrun(2, ["--ref", str(ref), "--out", str(out), *args], out / "torchrun.log", program="run_qwen3_next.py")
     assert rc == 0, log[-4000:]
-    res = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+@needs_gdn
+@pytest.mark.dist
+def test_qwen3_next_tp2_matches_single_rank(mcore, tmp_path):
+    """TP=2 (tests/dist/run_qwen3_next.py under torchrun, gloo): each DeltaNet in_proj / conv1d
+    shard holds its rank's slice of every part; Megatron's TP=2 forward on those shards gives the
+    world-size-1 logits, and the export equals the world-size-1 export byte for byte."""
+    spec = next_spec()
+    m = build(spec)
+    res = run_tp2(m, spec, tmp_path)
     assert res["in_proj_local_rows"] == m.decoder.layers[0].self_attention.in_proj.weight.shape[0] // 2
     assert res["logit_diff"] <= ATOL, res  # (TP=2 sums out_proj / linear_proj partials in another order)
     assert res["naive_logit_diff"] > 1e-2, res  # contiguous in_proj / conv1d shards compute something else

@@ -380,6 +380,23 @@ def local_bytes(chunks) -> int:
     return n
 
 
+def tensors_differing(ref_hf: Path, out: Path) -> list[str]:
+    """HF names only one of the two exports holds, or whose tensors are not equal."""
+    from safetensors import safe_open
+
+    ref_idx = json.loads((ref_hf / "model.safetensors.index.json").read_text())["weight_map"]
+    idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    diff = []
+    for key in sorted(set(ref_idx) | set(idx)):
+        if key not in ref_idx or key not in idx:
+            diff.append(key)
+            continue
+        with safe_open(str(ref_hf / ref_idx[key]), "pt") as f, safe_open(str(out / idx[key]), "pt") as g:
+            if not torch.equal(f.get_tensor(key), g.get_tensor(key)):
+                diff.append(key)
+    return diff
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

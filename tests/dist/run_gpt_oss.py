@@ -42,7 +42,6 @@ def main() -> None:
     ap.add_argument("--ref", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    from safetensors import safe_open
     from test_gpt_oss import oss_spec
 
     from nemo_export_hooks import export_to_hf
@@ -61,16 +60,8 @@ def main() -> None:
         torch.distributed.barrier()
         if C.rank() != 0:
             continue
-        ref_idx = json.loads((a.ref / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
         idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-        diff = []
-        for key in sorted(set(ref_idx) | set(idx)):
-            if key not in ref_idx or key not in idx:
-                diff.append(key)
-                continue
-            with safe_open(str(a.ref / "hf" / ref_idx[key]), "pt") as f, safe_open(str(out / idx[key]), "pt") as g:
-                if not torch.equal(f.get_tensor(key), g.get_tensor(key)):
-                    diff.append(key)
+        diff = C.tensors_differing(a.ref / "hf", out)
         same_cfg = json.loads((out / "config.json").read_text()) == json.loads((a.ref / "hf" / "config.json").read_text())
         results[name] = {"diff": diff, "same_config": same_cfg, "n": len(idx), "rank0_stacks": stacks}
     if C.rank() == 0:

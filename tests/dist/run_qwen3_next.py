@@ -57,7 +57,6 @@ def main() -> None:
     ap.add_argument("--pattern", default=None)
     a = ap.parse_args()
     import torch._dynamo
-    from safetensors import safe_open
     from safetensors.torch import load_file
     from test_qwen3_next import PATTERN, build, next_spec
 
@@ -81,16 +80,8 @@ def main() -> None:
     torch.distributed.barrier()
     if C.rank() != 0:
         return
-    ref_idx = json.loads((a.ref / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     idx = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    diff = []
-    for key in sorted(set(ref_idx) | set(idx)):
-        if key not in ref_idx or key not in idx:
-            diff.append(key)
-            continue
-        with safe_open(str(a.ref / "hf" / ref_idx[key]), "pt") as f, safe_open(str(out / idx[key]), "pt") as g:
-            if not torch.equal(f.get_tensor(key), g.get_tensor(key)):
-                diff.append(key)
+    diff = C.tensors_differing(a.ref / "hf", out)
     same_cfg = json.loads((out / "config.json").read_text()) == json.loads((a.ref / "hf" / "config.json").read_text())
     res = {"logit_diff": (logits - ref_logits).abs().max().item(), "naive_logit_diff": (naive_logits - ref_logits).abs().max().item(), "diff": diff, "same_config": same_cfg, "n": len(idx),
            "in_proj_local_rows": int(m.decoder.layers[0].self_attention.in_proj.weight.shape[0])}

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 for p in (ROOT, ROOT / "tests" / "gpu"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+from bridge_smoke import _byte_diff, _free_port, _tensors  # noqa: E402 - the Bridge smoke's helpers (import-safe)
 
 ITERS, SAVE_EVERY, SEQ, VOCAB = 4, 2, 64, 256
 TIE_FRACTION = 1e-3
@@ -70,7 +71,6 @@ def shrink(cfg) -> None:
 
 
 def run_worker(fmt: str, work: Path) -> dict:
-    import torch
     from megatron.bridge.training.callbacks import Callback
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
@@ -107,15 +107,6 @@ def run_worker(fmt: str, work: Path) -> dict:
         pass
     res["problems"] = check(fmt, save, cb.exports, held.get("model"), work, res)
     return res
-
-
-def _tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def check(fmt: str, save: Path, exports: list, model, work: Path, res: dict) -> list[str]:
@@ -170,10 +161,7 @@ def check(fmt: str, save: Path, exports: list, model, work: Path, res: dict) -> 
     if exports and prev is not None:
         ref = work / fmt / "reexport"
         export_to_hf(m, ref, arch="qwen3_moe", dtype=torch.bfloat16)
-        mine, theirs = prev, _tensors(ref)
-        diff = sorted(set(mine) ^ set(theirs))
-        diff += [k for k in sorted(set(mine) & set(theirs)) if mine[k].dtype != theirs[k].dtype or mine[k].shape != theirs[k].shape
-                 or not torch.equal(mine[k].contiguous().view(torch.uint8), theirs[k].contiguous().view(torch.uint8))]
+        diff = _byte_diff(prev, _tensors(ref))
         res["last_export_byte_equal_to_trained_model"] = not diff
         if diff:
             p.append(f"last export vs export_to_hf of the trained model: {len(diff)} tensors differ: {diff[:4]}")
@@ -210,12 +198,6 @@ def check(fmt: str, save: Path, exports: list, model, work: Path, res: dict) -> 
         p.append(f"decoded experts differ from ModelOpt's fake quant in {off} of {elems} elements "
                  f"({off / elems:.2g} > {TIE_FRACTION}), max {worst:.3g} x amax")
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def driver(args) -> int:
