@@ -113,7 +113,33 @@ def compose(overrides: Sequence[str] = (), hf_group: str = "default"):
     cfg = base_config()
     if bridge:
         cfg = process_config_with_overrides(cfg, cli_overrides=bridge)
+    fit_to_image(cfg.model, explicit=any(o.lstrip("+~").startswith("model.gradient_accumulation_fusion")
+                                         for o in bridge))
     return cfg, hf_export_node(hf, group=hf_group)
+
+
+GRAD_ACC_FUSION_EXT = "fused_weight_gradient_mlp_cuda"
+
+
+def fit_to_image(model_cfg, explicit: bool = False) -> bool:
+    """Turn off ``gradient_accumulation_fusion`` when APEX's fused weight-gradient extension is
+    missing (many images, the H200 one included, have no APEX): Megatron would otherwise fail
+    building the first linear layer ("fused_weight_gradient_mlp_cuda module is not found").
+    The fusion changes only how the weight gradient is accumulated, not what is trained. A value
+    the user set on the command line is kept and fails as Megatron says. Returns whether it
+    changed the config."""
+    import importlib.util
+    import logging
+
+    if explicit or not getattr(model_cfg, "gradient_accumulation_fusion", False):
+        return False
+    if importlib.util.find_spec(GRAD_ACC_FUSION_EXT) is not None:
+        return False
+    model_cfg.gradient_accumulation_fusion = False
+    logging.getLogger(__name__).warning(
+        "model.gradient_accumulation_fusion=true needs APEX's %s extension, which is not installed: "
+        "training with it off (set model.gradient_accumulation_fusion explicitly to override)", GRAD_ACC_FUSION_EXT)
+    return True
 
 
 def callbacks(hf_node) -> list:

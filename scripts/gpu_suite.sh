@@ -13,7 +13,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-export PYTHONPATH=/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# GPU_STACK=mc19: megatron-core 0.19.2 (staged by scripts/bridge_gpu into /root/site19) ahead of
+# the TE 2.11 stack's 0.16.1; default: megatron-core 0.16.1.
+if [ "${GPU_STACK:-mc16}" = mc19 ]; then
+  export PYTHONPATH=/root/site19:/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 export GPU_RESULTS=$OUT/results.jsonl GPU_ARTIFACTS=$OUT

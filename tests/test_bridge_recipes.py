@@ -57,3 +57,31 @@ def test_split_quant():
         qat.split_quant(["quant.format=int4"])
     with pytest.raises(ValueError, match="quant options are"):
         qat.split_quant(["quant.algo=fp8"])
+
+
+def test_fit_to_image_turns_off_grad_acc_fusion_without_apex(caplog):
+    """No APEX extension here: the recipe turns the fusion off and says why; a value the user set
+    explicitly, or an image with the extension, is left alone."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec(pre.GRAD_ACC_FUSION_EXT) is not None:
+        pytest.skip("APEX is installed here")
+    m = types.SimpleNamespace(gradient_accumulation_fusion=True)
+    with caplog.at_level("WARNING"):
+        assert pre.fit_to_image(m) is True
+    assert m.gradient_accumulation_fusion is False
+    assert pre.GRAD_ACC_FUSION_EXT in caplog.text and "model.gradient_accumulation_fusion" in caplog.text
+    m = types.SimpleNamespace(gradient_accumulation_fusion=True)
+    assert pre.fit_to_image(m, explicit=True) is False and m.gradient_accumulation_fusion is True
+    off = types.SimpleNamespace(gradient_accumulation_fusion=False)
+    assert pre.fit_to_image(off) is False
+
+
+def test_fit_to_image_keeps_fusion_when_apex_is_there(tmp_path, monkeypatch):
+    (tmp_path / f"{pre.GRAD_ACC_FUSION_EXT}.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import types
+
+    m = types.SimpleNamespace(gradient_accumulation_fusion=True)
+    assert pre.fit_to_image(m) is False and m.gradient_accumulation_fusion is True

@@ -19,11 +19,11 @@ plat+=(--platform any)
 grep -v '^#' tests/gpu/vllm-0.26.0-stage.txt | sed 's/ *#.*//' | grep . > .gpu/vdl/req.txt
 python3 -m pip download -q --no-deps "${plat[@]}" -d .gpu/vdl -r .gpu/vdl/req.txt
 # every file cut into 45 MB pieces, pieces dealt into folders of at most 45 MB
-(cd .gpu/vdl && rm -f *.part.* && for f in *.whl; do split -b 45000000 -d -a 2 "$f" "$f.part."; done)
+(cd .gpu/vdl && rm -f *.part.* && for f in *.whl; do split -b ${PART_BYTES:-58000000} -d -a 2 "$f" "$f.part."; done)
 n=0; used=0; rm -rf .gpu/v[0-9]*; mkdir -p .gpu/v0
 for p in .gpu/vdl/*.part.*; do
   s=$(stat -c %s "$p")
-  if [ $(( used + s )) -gt 45000000 ]; then n=$((n+1)); used=0; mkdir -p .gpu/v$n; fi
+  if [ $(( used + s )) -gt ${PART_BYTES:-58000000} ]; then n=$((n+1)); used=0; mkdir -p .gpu/v$n; fi
   mv "$p" .gpu/v$n/; used=$((used + s))
 done
 echo "folders .gpu/v0..v$n"; du -sh .gpu/v*

@@ -54,8 +54,10 @@ PACKED = {"nvfp4": "torch.uint8", "fp8": "torch.float8_e4m3fn"}
 def shrink(cfg) -> None:
     """The recipe's Qwen3-MoE shape scaled to a few MB (dims multiples of NVFP4's 16-element block)."""
     m = cfg.model
-    for k, v in dict(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
-                     kv_channels=32, num_moe_experts=4, moe_ffn_hidden_size=64, moe_router_topk=2,
+    # hidden / expert widths multiples of 128 and head_dim 64, so that vLLM's FP8 / NVFP4 MoE and
+    # attention kernels can serve the export (vllm_quant_smoke.py --serve)
+    for k, v in dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+                     kv_channels=64, num_moe_experts=4, moe_ffn_hidden_size=128, moe_router_topk=2,
                      seq_length=SEQ).items():
         setattr(m, k, v)
     cfg.dataset.seq_length = SEQ

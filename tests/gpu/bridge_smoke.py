@@ -263,7 +263,7 @@ def _byte_diff(a: dict, b: dict) -> list[str]:
         x, y = a[k], b[k]
         if x.dtype != y.dtype or x.shape != y.shape:
             probs.append(f"{k}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
-        elif not torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)):
+        elif not torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8)):
             probs.append(f"{k}: bytes differ (max |diff| {(x.float() - y.float()).abs().max().item():.3g})")
     return probs
 

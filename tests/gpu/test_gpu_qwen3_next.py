@@ -32,7 +32,7 @@ def _have_gdn_spec() -> bool:
         from megatron.core.models.gpt.experimental_attention_variant_module_specs import (  # noqa: F401
             get_transformer_block_with_experimental_attention_variant_spec,
         )
-        from megatron.core.ssm.gated_delta_net import GatedDeltaNet  # noqa: F401
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNet, common  # noqa: F401  (0.16.1 has the class, not `common`)
     except ImportError:
         return False
     return True

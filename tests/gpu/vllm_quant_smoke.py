@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -42,6 +43,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TOL = {"fp8": dict(mean_abs=0.05, top1=0.98), "nvfp4": dict(mean_abs=0.15, top1=0.95)}
+# vLLM 0.26's automatic FP8 MoE choice on the H200 is FLASHINFER_CUTLASS with FlashInfer autotuning,
+# which compiled (JIT) for more than 4 minutes without a token (2026-12-02).  The backends are named
+# here instead, as a user should: FP8 -> vLLM's Triton fused MoE; NVFP4 on Hopper (no FP4 tensor
+# cores) -> "emulation" (dequantised weights, activations quantised and dequantised: what ModelOpt's
+# fake quant computes) or "marlin" (weight-only FP4, activations in bf16).
+MOE_BACKEND = {"fp8": "triton", "nvfp4": "emulation"}
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def llm_kwargs(fmt: str, backend: str | None = None) -> dict:
+    """What a user passes to ``vllm.LLM`` to serve our quantized export on one Hopper GPU."""
+    return dict(dtype="bfloat16", max_model_len=256, max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.35,
+                skip_tokenizer_init=True, seed=0, max_logprobs=1, moe_backend=backend or MOE_BACKEND.get(fmt, "auto"),
+                enable_flashinfer_autotune=False)
 BAD_LOG = ("w1_weight_scale_2 must match w3_weight_scale_2",)
 
 
@@ -112,7 +127,7 @@ def _expert_scales(path: Path, num_layers: int, num_experts: int) -> list[str]:
     return problems
 
 
-def run_format(fmt: str, out: Path) -> dict:
+def run_format(fmt: str, out: Path, backend: str | None = None) -> dict:
     import modelopt.torch.quantization as mtq
     import torch
     from vllm import LLM, SamplingParams
@@ -146,8 +161,9 @@ def run_format(fmt: str, out: Path) -> dict:
 
     catch = _Catch()
     logging.getLogger("vllm").addHandler(catch)
-    llm = LLM(model=str(path), dtype="bfloat16", max_model_len=256, max_num_seqs=8, enforce_eager=True,
-              gpu_memory_utilization=0.35, skip_tokenizer_init=True, seed=0, max_logprobs=1)
+    t_load = time.perf_counter()
+    llm = LLM(model=str(path), **llm_kwargs(fmt, backend))
+    load_s = time.perf_counter() - t_load
     prompts = [TokensPrompt(prompt_token_ids=t.tolist()) for t in ids.cpu()]
     pl = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False), use_tqdm=False)
     gen = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, detokenize=False), use_tqdm=False)
@@ -168,7 +184,7 @@ def run_format(fmt: str, out: Path) -> dict:
     # the task: next token = perm[current]; a served model that learned it follows the permutation
     follows = sum(int(perm[s[k]]) == s[k + 1] for s in gen_tokens for k in range(len(s) - 1)) / sum(len(s) - 1 for s in gen_tokens)
     bad_logs = [line for line in catch.lines if any(b in line for b in BAD_LOG)]
-    r = dict(fmt=fmt, quant_method=str(quant_method), quant_algo=res.quant_algo, note=note, train_loss=loss,
+    r = dict(fmt=fmt, moe_backend=backend or MOE_BACKEND[fmt], vllm_load_s=round(load_s, 1), quant_method=str(quant_method), quant_algo=res.quant_algo, note=note, train_loss=loss,
              qat_loss=qat_loss, mean_abs_dlogprob=sum(diffs) / len(diffs), max_abs_dlogprob=max(diffs),
              top1_agreement=sum(top1) / len(top1), greedy_follows_task=follows, greedy=gen_tokens[0],
              scale_problems=scale_problems[:8], bad_vllm_logs=bad_logs[:4], vllm_warnings=catch.lines[:20])
@@ -176,20 +192,125 @@ def run_format(fmt: str, out: Path) -> dict:
     return r
 
 
+def dequantized_twin(path: Path, twin: Path) -> str:
+    """A bf16 copy of a quantized export with every packed weight decoded (``gpu_quant_decode``)
+    and the scales and ``quantization_config`` dropped: what transformers can load as the
+    weight-only reference for ``serve_export``.  Returns the format."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    import gpu_common as G
+    import gpu_quant_decode as D
+
+    t = G.read_exported(path)
+    out, fmt = {}, "none"
+    for k, v in t.items():
+        if k.endswith((".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")):
+            continue
+        base = k[: -len(".weight")] if k.endswith(".weight") else None
+        if base and base + ".weight_scale" in t:
+            parts = {s: t[f"{base}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2") if f"{base}.{s}" in t}
+            fmt, dec = D.decode({s: x.cuda() for s, x in parts.items()})
+            out[k] = dec.to(torch.bfloat16).cpu().contiguous()
+        else:
+            out[k] = v.contiguous()
+    twin.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(twin / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (twin / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in ("generation_config.json",):
+        if (path / f).is_file():
+            shutil.copy(path / f, twin / f)
+    return fmt
+
+
+def serve_export(path: Path, out: Path, backend: str | None = None) -> dict:
+    """Serve an export made elsewhere (the Megatron-Bridge QAT recipe's ``iter_N/hf``) with vLLM:
+    it must load, generate, and its prompt log-probs must agree with transformers' forward of the
+    dequantized twin (weights as vLLM reads them; activations unquantized there, so the
+    tolerance is the quantized smoke's)."""
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    import gpu_common as G
+
+    qc = json.loads((path / "hf_quant_config.json").read_text())
+    fmt = {"FP8": "fp8", "NVFP4": "nvfp4"}[qc["quantization"]["quant_algo"]]
+    twin = out / f"twin-{path.parent.name}-{fmt}"
+    dequantized_twin(path, twin)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    ids = G.tokens(vocab, batch=4, seq=48, seed=5)
+    hf, info = G.load_hf_gpu(twin, torch.bfloat16)
+    ref = torch.log_softmax(G.hf_logits(hf, ids), dim=-1).cpu()
+    problems = G.loading_problems(info)
+    del hf
+    torch.cuda.empty_cache()
+    t_load = time.perf_counter()
+    llm = LLM(model=str(path), **llm_kwargs(fmt, backend))
+    load_s = time.perf_counter() - t_load
+    prompts = [TokensPrompt(prompt_token_ids=x.tolist()) for x in ids.cpu()]
+    pl = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False), use_tqdm=False)
+    gen = llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False),
+                       use_tqdm=False)
+    del llm
+    torch.cuda.empty_cache()
+    diffs, top1 = [], []
+    for b, o in enumerate(pl):
+        for i in range(1, ids.shape[1]):
+            tok = int(ids[b, i])
+            entry = o.prompt_logprobs[i]
+            diffs.append(abs(entry[tok].logprob - float(ref[b, i - 1, tok])))
+            top1.append(max(entry.items(), key=lambda kv: kv[1].logprob)[0] == int(ref[b, i - 1].argmax()))
+    r = dict(served=str(path), fmt=fmt, moe_backend=backend or MOE_BACKEND[fmt], vllm_load_s=round(load_s, 1),
+             mean_abs_dlogprob=sum(diffs) / len(diffs), max_abs_dlogprob=max(diffs),
+             top1_agreement=sum(top1) / len(top1), ref_logprob_std=float(ref.std()),
+             generated=list(gen[0].outputs[0].token_ids), twin_loading_problems=problems)
+    print("VLLM-SERVE", json.dumps(r, default=str), flush=True)
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/vllm_quant"))
     ap.add_argument("--formats", default="fp8,nvfp4")
+    ap.add_argument("--moe-backend", default="", help="fmt=backend,... (default: " + str(MOE_BACKEND) + ")")
+    ap.add_argument("--serve", default="", help="comma-separated export dirs made elsewhere, served instead")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    backends = dict(kv.split("=", 1) for kv in args.moe_backend.split(",") if kv)
+    results, failures = [], []
+    if args.serve:
+        for d in args.serve.split(","):
+            try:
+                r = serve_export(Path(d), out)
+            except Exception as e:  # noqa: BLE001
+                import traceback
+
+                failures.append(f"{d}: {type(e).__name__}: {e}")
+                results.append(dict(served=d, error=traceback.format_exc()[-3000:]))
+                print("VLLM-SERVE-ERROR", d, traceback.format_exc()[-3000:], flush=True)
+                continue
+            results.append(r)
+            t = TOL[r["fmt"]]
+            # a recipe export after a few iterations predicts near-uniformly: top-1 is decided by
+            # near-ties there, so only the log-prob distance is a check (top-1 is reported)
+            if r["mean_abs_dlogprob"] > t["mean_abs"] or r["twin_loading_problems"]:
+                failures.append(f"{d}: mean |dlogprob| {r['mean_abs_dlogprob']:.3g} (tol {t['mean_abs']}), "
+                                f"{r['twin_loading_problems']}")
+        (out / "vllm_serve.json").write_text(json.dumps(results, indent=1, default=str))
+        print("VLLM-SERVE-FAILURES", failures)
+        return 1 if failures else 0
     import gpu_common as G
 
     G.init_mcore_gpu()
-    results, failures = [], []
     for fmt in args.formats.split(","):
         try:
-            r = run_format(fmt, out)
+            r = run_format(fmt, out, backends.get(fmt))
         except Exception as e:  # noqa: BLE001 - report each format, then fail
             import traceback
 
