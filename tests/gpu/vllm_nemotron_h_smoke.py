@@ -110,8 +110,8 @@ def _make_llm(path: str, backend: str, mem: float):
     for extra in tries:
         try:
             return LLM(**kw, **extra), extra
-        except TypeError as e:  # an engine argument this vLLM does not know: try the other spelling
-            errors.append(f"{extra}: {e}")
+        except (TypeError, ValueError) as e:  # an engine argument this vLLM does not take (pydantic's
+            errors.append(f"{extra}: {type(e).__name__}: {str(e)[:600]}")  # ValidationError is a ValueError)
     raise TypeError(f"vLLM accepted no MoE-backend argument: {errors}")
 
 
