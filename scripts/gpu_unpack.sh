@@ -5,8 +5,8 @@
 #   bash scripts/gpu_unpack.sh a N                         stream a (N chunks): TE build + Bridge (+ mamba)
 #   bash scripts/gpu_unpack.sh b N                         stream b (N chunks): vLLM into /root/vllm_site
 # Installs: TE 2.11 / ModelOpt / megatron-core 0.16.1 in /root/site (../shared/gpu/device_setup.sh),
-# megatron-core 0.19.2 + Bridge in /root/site19 (scripts/bridge_gpu/device_setup.sh), mamba in
-# /root/site (scripts/mamba_gpu/device_setup.sh, when staged), vLLM in /root/vllm_site.
+# megatron-core 0.19.2 + Bridge in /root/site19 (scripts/bridge_gpu/device_setup.sh), vLLM in
+# /root/vllm_site; mamba's wheels wait in /root/stage_a/mamba (MAMBA_WHEELS= for scripts/mamba_gpu).
 set -uo pipefail
 root=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
 cd "$root"
@@ -29,10 +29,8 @@ case "${1:-}" in
       t=$(date +%s); bash /root/gpu/device_setup.sh 2>&1 | tail -6; echo "TE stack: $(( $(date +%s) - t )) s"
       t=$(date +%s); BRIDGE_WHEELS=/root/stage_a/bridge_whl bash scripts/bridge_gpu/device_setup.sh 2>&1 | tail -6
       echo "Bridge stack: $(( $(date +%s) - t )) s"
-      if [ -n "$(ls /root/stage_a/mamba 2>/dev/null)" ] && [ -f scripts/mamba_gpu/device_setup.sh ]; then
-        t=$(date +%s); MAMBA_WHEELS=/root/stage_a/mamba bash scripts/mamba_gpu/device_setup.sh 2>&1 | tail -8
-        echo "mamba: $(( $(date +%s) - t )) s"
-      fi
+      # mamba (NemotronH) is unpacked in /root/stage_a/mamba and installed by the NemotronH call
+      # (scripts/mamba_gpu/device_setup.sh), so that the other suites do not run its tests
     else
       t=$(date +%s)
       python3 -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --target /root/vllm_site \
