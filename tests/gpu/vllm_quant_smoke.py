@@ -52,9 +52,9 @@ MOE_BACKEND = {"fp8": "triton", "nvfp4": "emulation"}
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
-def llm_kwargs(fmt: str, backend: str | None = None) -> dict:
+def llm_kwargs(fmt: str, backend: str | None = None, max_model_len: int = 256) -> dict:
     """What a user passes to ``vllm.LLM`` to serve our quantized export on one Hopper GPU."""
-    return dict(dtype="bfloat16", max_model_len=256, max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.35,
+    return dict(dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=8, enforce_eager=True, gpu_memory_utilization=0.35,
                 skip_tokenizer_init=True, seed=0, max_logprobs=1, moe_backend=backend or MOE_BACKEND.get(fmt, "auto"),
                 enable_flashinfer_autotune=False)
 BAD_LOG = ("w1_weight_scale_2 must match w3_weight_scale_2",)
@@ -250,7 +250,9 @@ def serve_export(path: Path, out: Path, backend: str | None = None) -> dict:
     del hf
     torch.cuda.empty_cache()
     t_load = time.perf_counter()
-    llm = LLM(model=str(path), **llm_kwargs(fmt, backend))
+    # vLLM refuses a max_model_len above the model's max_position_embeddings (the recipe's is 64)
+    max_len = min(256, int(json.loads((path / "config.json").read_text()).get("max_position_embeddings", 256)))
+    llm = LLM(model=str(path), **llm_kwargs(fmt, backend, max_len))
     load_s = time.perf_counter() - t_load
     prompts = [TokensPrompt(prompt_token_ids=x.tolist()) for x in ids.cpu()]
     pl = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False), use_tqdm=False)
