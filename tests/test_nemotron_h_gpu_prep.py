@@ -106,3 +106,19 @@ def test_vllm_smoke_without_export_list(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["vllm_nemotron_h_smoke.py", "--list", str(tmp_path / "none.json"), "--out", str(tmp_path)])
     assert V.main() == 2
     assert "run tests/gpu/test_gpu_nemotron_h.py first" in capsys.readouterr().out
+
+
+def test_vllm_smoke_reports_a_failing_child(tmp_path, monkeypatch, capsys):
+    """Parent/child orchestration: a format whose child fails (here: no vLLM on this machine, or
+    a reference file that is not there) is reported by name with the child's last error line,
+    and the results file and the child's log are written; a format missing from the list is
+    reported as such."""
+    listing = tmp_path / "exports.json"
+    listing.write_text('{"bf16": {"path": "%s", "reference": "%s"}}' % (tmp_path / "bf16", tmp_path / "missing.safetensors"))
+    monkeypatch.setattr(sys, "argv", ["vllm_nemotron_h_smoke.py", "--list", str(listing), "--out", str(tmp_path / "out"),
+                                      "--formats", "bf16,fp8", "--timeout", "120"])
+    assert V.main() == 1
+    out = capsys.readouterr().out
+    fails = [ln for ln in out.splitlines() if ln.startswith("VLLM-NEMOTRON-H-FAILURES")][0]
+    assert "bf16: " in fails and ("Error" in fails or "No such file" in fails) and "fp8: not in" in fails, fails
+    assert (tmp_path / "out" / "vllm_nemotron_h.json").exists() and (tmp_path / "out" / "vllm_nemotron_h_bf16.log").exists()

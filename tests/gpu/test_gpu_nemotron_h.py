@@ -105,6 +105,12 @@ def _bf16_copy(parent, spec, pattern):
     return model
 
 
+def _copy_list():
+    """The export list as it stands, also under $OUT (GPU_ARTIFACTS) so it comes back."""
+    G.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (G.ARTIFACTS / "nemotron_h_exports.json").write_text(N.EXPORTS_LIST.read_text())
+
+
 def _check_te_spec(model):
     kinds = N.layer_kinds(model)
     assert all(k.startswith("MambaMixer/TELayerNormColumnParallelLinear") for k in kinds.get("M", [])), kinds
@@ -201,7 +207,7 @@ def test_nemotron_h_bf16_export(request, trained, spec, pattern):
     vids = G.tokens(spec.vocab_size, **VLLM_IDS)
     ref = N.save_reference(path, vids, torch.log_softmax(G.hf_logits(hf, vids).float(), -1), "transformers bf16")
     N.record_export("bf16", path, ref, recipe=None, pattern=pattern, train_loss=loss)
-    G.artifact("nemotron_h_exports.json", N.EXPORTS_LIST.read_text())
+    _copy_list()
     G.record(request.node.nodeid, train_loss=loss, argmax_agreement=agree, vs_fp32_parent=vs_parent,
              max_abs_diff=(got - meg).abs().max().item(), loading_problems=problems, note=note, path=str(path))
     assert note is None, note
@@ -314,7 +320,7 @@ def test_nemotron_h_quantized(case, request, trained, spec, pattern):
                            f"Megatron fake-quant ({recipe})")
     if for_vllm:
         N.record_export(fmt, path, ref, recipe=recipe, pattern=pattern)
-        G.artifact("nemotron_h_exports.json", N.EXPORTS_LIST.read_text())
+        _copy_list()
     G.record(request.node.nodeid, recipe=recipe, modelopt=modelopt.__version__, quant_algo=res.quant_algo,
              hf_quant_algo=hq.get("quant_algo"), exported_formats=sorted(formats), **st,
              expert_amax_first_moe_fc1=amaxes, in_proj_packed=in_proj_packed, excluded=sorted(hq["exclude_modules"])[:12],

@@ -11,9 +11,10 @@ fake-quantized forward) and the task permutation.
 Each format runs in its own child process (``--one FMT``, in-process engine:
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a hang or a crash costs one format, not the run:
 ``LLM(model=dir, enforce_eager=True, enable_prefix_caching=False, skip_tokenizer_init=True)`` with
-the MoE backend picked explicitly (``kernel_config.moe_backend``; bf16 and FP8: ``triton``;
-NVFP4 on a Hopper GPU, which has no FP4 tensor cores: ``marlin``, FP4 weights with bf16
-activations) and FlashInfer autotuning off (it waited more than 4 minutes for the Qwen3-MoE FP8
+the MoE backend picked explicitly (bf16 and FP8: ``triton``; NVFP4 on a Hopper GPU, which has
+no FP4 tensor cores: ``emulation``, as ``vllm_quant_smoke.py`` -- dequantised FP4 weights with
+activations quantised and dequantised, what ModelOpt's fake quant computes; ``marlin`` would run
+FP4 weights with bf16 activations) and FlashInfer autotuning off (it waited more than 4 minutes for the Qwen3-MoE FP8
 export; docs/GPU.md).  Checks, per format: the prompt log-probs of the actual next tokens vs the
 reference, mean |delta| and top-1 agreement within the quantized smoke's tolerances
 (``vllm_quant_smoke.TOL``; bf16 as FP8), and greedy generation follows the trained permutation
@@ -37,11 +38,12 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 # mean |delta log-prob| of the prompt tokens, top-1 agreement (vllm_quant_smoke.TOL; bf16 as FP8)
 TOL = {"bf16": dict(mean_abs=0.05, top1=0.98), "fp8": dict(mean_abs=0.05, top1=0.98),
        "nvfp4": dict(mean_abs=0.15, top1=0.95)}
-MOE_BACKEND = {"bf16": "triton", "fp8": "triton", "nvfp4": "marlin"}
+MOE_BACKEND = {"bf16": "triton", "fp8": "triton", "nvfp4": "emulation"}
 FOLLOWS_MIN = 0.9
 DEFAULT_LIST = Path(os.environ.get("NEMOTRON_H_EXPORTS", "/tmp/nemotron_h_exports")) / "exports.json"
 
@@ -104,8 +106,8 @@ def _make_llm(path: str, backend: str, mem: float):
     kw = dict(model=path, dtype="bfloat16", max_model_len=256, max_num_seqs=8, enforce_eager=True,
               gpu_memory_utilization=mem, skip_tokenizer_init=True, seed=0, max_logprobs=1,
               enable_prefix_caching=False)
-    tries = ({"kernel_config": {"moe_backend": backend, "enable_flashinfer_autotune": False}},
-             {"moe_backend": backend})
+    tries = ({"moe_backend": backend, "enable_flashinfer_autotune": False},  # vllm_quant_smoke's spelling
+             {"kernel_config": {"moe_backend": backend, "enable_flashinfer_autotune": False}})
     errors = []
     for extra in tries:
         try:
@@ -148,7 +150,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/vllm_nemotron_h"))
     ap.add_argument("--formats", default="bf16,fp8,nvfp4")
     ap.add_argument("--moe-backend", action="append", default=[], metavar="FMT=BACKEND",
-                    help="override the MoE backend of one format (default bf16/fp8: triton, nvfp4: marlin)")
+                    help="override the MoE backend of one format (default bf16/fp8: triton, nvfp4: emulation)")
     ap.add_argument("--timeout", type=int, default=170, help="seconds per format (child process)")
     ap.add_argument("--mem", type=float, default=0.3, help="gpu_memory_utilization")
     ap.add_argument("--one", help=argparse.SUPPRESS)
