@@ -20,7 +20,7 @@ STAMP_MC19 := $(VENV_MC19)/.installed
 MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py tests/test_quant_export.py tests/test_quant_glm4_moe.py tests/test_quant_pack.py tests/test_distributed.py \
               tests/test_qwen3_next.py tests/test_qwen3_5_moe.py tests/test_quant_qwen3_next.py
 
-.PHONY: venv demo test test-next bench clean test-vllm test-mcore19
+.PHONY: venv demo test test-next bench clean test-vllm test-mcore19 test-wheel
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -82,8 +82,34 @@ test-vllm: $(STAMP_VLLM)
 test-mcore19: $(STAMP_MC19)
 	$(VENV_MC19)/bin/python -m pytest -q -rs -p no:logging $(MC19_TESTS)
 
-bench: $(STAMP)
+# Fifth CI job: the package as users install it. The wheel (`pip wheel --no-deps .`), not an
+# editable install, goes into a clean venv with the extras a Lightning user picks; then
+# tests/wheel/wheel_smoke.py runs from an empty temporary directory, where the source tree cannot
+# be imported: a user's own Hydra recipe trains a tiny model with the packaged hf_export group,
+# `nemo-export-hooks verify` checks the exports, and absent extras are named.
+VENV_WHEEL := .venv-wheel
+WHEEL_DIR := build/wheel
+WHEEL_EXTRAS := lightning,megatron,hf
+
+test-wheel:
+	rm -rf $(VENV_WHEEL) $(WHEEL_DIR)
+	$(PY) -m venv $(VENV_WHEEL)
+	$(VENV_WHEEL)/bin/python -m pip install -q --upgrade pip
+	$(VENV_WHEEL)/bin/python -m pip wheel -q --no-deps . -w $(WHEEL_DIR)
+	$(VENV_WHEEL)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_WHEEL)/bin/python -m pip install -q -c constraints.txt "$$(ls $(WHEEL_DIR)/nemo_export_hooks-*.whl)[$(WHEEL_EXTRAS)]" pytest
+	smoke=$$(mktemp -d) && cp tests/wheel/wheel_smoke.py $$smoke/ && printf '[pytest]\n' > $$smoke/pytest.ini && \
+	  cd $$smoke && env -u PYTHONPATH $(CURDIR)/$(VENV_WHEEL)/bin/python -m pytest -q -rs -p no:cacheprovider wheel_smoke.py && \
+	  rm -rf $$smoke
+
+# matplotlib for the plot (the [bench] extra), on top of the test venv
+STAMP_BENCH := $(VENV)/.bench-installed
+$(STAMP_BENCH): $(STAMP) pyproject.toml constraints.txt
+	$(VPY) -m pip install -q -c constraints.txt -e '.[bench]'
+	touch $(STAMP_BENCH)
+
+bench: $(STAMP_BENCH)
 	$(VPY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) $(VENV_NEXT) $(VENV_VLLM) $(VENV_MC19) demo_run bench_out
+	rm -rf $(VENV) $(VENV_NEXT) $(VENV_VLLM) $(VENV_MC19) $(VENV_WHEEL) build demo_run bench_out

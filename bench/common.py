@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: model builders, RSS peaks, the dd-like baseline, the
-machine-load probe, the results table and a dependency-free PNG plot.
+machine-load probe, the results table and the plot (matplotlib: the ``bench`` extra).
 
 Imported by ``bench/throughput.py``, ``bench/stall.py`` and ``bench/run_all.py``; none of it
 is used by the exporter.
@@ -11,10 +11,8 @@ import gc
 import json
 import os
 import shutil
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -291,168 +289,21 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-# -- a dependency-free PNG line plot -----------------------------------------------------------
-# 5x7 glyphs (rows top to bottom, 5 bits each, MSB left); lowercase is drawn as uppercase.
-_FONT = {
-    " ": [0, 0, 0, 0, 0, 0, 0],
-    "0": [14, 17, 19, 21, 25, 17, 14], "1": [4, 12, 4, 4, 4, 4, 14], "2": [14, 17, 1, 2, 4, 8, 31],
-    "3": [30, 1, 1, 14, 1, 1, 30], "4": [2, 6, 10, 18, 31, 2, 2], "5": [31, 16, 30, 1, 1, 17, 14],
-    "6": [6, 8, 16, 30, 17, 17, 14], "7": [31, 1, 2, 4, 8, 8, 8], "8": [14, 17, 17, 14, 17, 17, 14],
-    "9": [14, 17, 17, 15, 1, 2, 12],
-    "A": [14, 17, 17, 31, 17, 17, 17], "B": [30, 17, 17, 30, 17, 17, 30], "C": [14, 17, 16, 16, 16, 17, 14],
-    "D": [28, 18, 17, 17, 17, 18, 28], "E": [31, 16, 16, 30, 16, 16, 31], "F": [31, 16, 16, 30, 16, 16, 16],
-    "G": [14, 17, 16, 23, 17, 17, 15], "H": [17, 17, 17, 31, 17, 17, 17], "I": [14, 4, 4, 4, 4, 4, 14],
-    "J": [7, 2, 2, 2, 2, 18, 12], "K": [17, 18, 20, 24, 20, 18, 17], "L": [16, 16, 16, 16, 16, 16, 31],
-    "M": [17, 27, 21, 21, 17, 17, 17], "N": [17, 17, 25, 21, 19, 17, 17], "O": [14, 17, 17, 17, 17, 17, 14],
-    "P": [30, 17, 17, 30, 16, 16, 16], "Q": [14, 17, 17, 17, 21, 18, 13], "R": [30, 17, 17, 30, 20, 18, 17],
-    "S": [15, 16, 16, 14, 1, 1, 30], "T": [31, 4, 4, 4, 4, 4, 4], "U": [17, 17, 17, 17, 17, 17, 14],
-    "V": [17, 17, 17, 17, 17, 10, 4], "W": [17, 17, 17, 21, 21, 21, 10], "X": [17, 17, 10, 4, 10, 17, 17],
-    "Y": [17, 17, 10, 4, 4, 4, 4], "Z": [31, 1, 2, 4, 8, 16, 31],
-    ".": [0, 0, 0, 0, 0, 12, 12], ",": [0, 0, 0, 0, 12, 4, 8], "/": [1, 1, 2, 4, 8, 16, 16],
-    "(": [2, 4, 8, 8, 8, 4, 2], ")": [8, 4, 2, 2, 2, 4, 8], "-": [0, 0, 0, 31, 0, 0, 0],
-    ":": [0, 12, 12, 0, 12, 12, 0], "=": [0, 0, 31, 0, 31, 0, 0], "%": [24, 25, 2, 4, 8, 19, 3],
-    "+": [0, 4, 4, 31, 4, 4, 0], "_": [0, 0, 0, 0, 0, 0, 31], "[": [14, 8, 8, 8, 8, 8, 14],
-    "]": [14, 2, 2, 2, 2, 2, 14], "<": [2, 4, 8, 16, 8, 4, 2], ">": [8, 4, 2, 1, 2, 4, 8],
-    "*": [0, 4, 21, 14, 21, 4, 0], "'": [4, 4, 8, 0, 0, 0, 0],
-}
-
-
-class Canvas:
-    def __init__(self, w: int, h: int):
-        import numpy as np
-
-        self.np = np
-        self.w, self.h = w, h
-        self.px = np.full((h, w, 3), 255, dtype=np.uint8)
-
-    def dot(self, x: int, y: int, c, r: int = 0) -> None:
-        x0, x1 = max(0, x - r), min(self.w, x + r + 1)
-        y0, y1 = max(0, y - r), min(self.h, y + r + 1)
-        if x0 < x1 and y0 < y1:
-            self.px[y0:y1, x0:x1] = c
-
-    def line(self, x0, y0, x1, y1, c, r: int = 0) -> None:
-        n = int(max(abs(x1 - x0), abs(y1 - y0), 1))
-        for i in range(n + 1):
-            t = i / n
-            self.dot(int(round(x0 + (x1 - x0) * t)), int(round(y0 + (y1 - y0) * t)), c, r)
-
-    def text(self, x: int, y: int, s: str, c=(0, 0, 0), scale: int = 1) -> None:
-        for ch in s:
-            glyph = _FONT.get(ch.upper(), _FONT[" "])
-            for row, bits in enumerate(glyph):
-                for col in range(5):
-                    if bits & (1 << (4 - col)):
-                        xx, yy = x + col * scale, y + row * scale
-                        self.px[max(0, yy) : yy + scale, max(0, xx) : xx + scale] = c
-            x += 6 * scale
-
-    def save(self, path: Path) -> None:
-        raw = b"".join(b"\x00" + self.px[y].tobytes() for y in range(self.h))
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-        png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-        png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-        Path(path).write_bytes(png)
-
-
-_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5):
-    import math
-
-    span = max(hi - lo, 1e-9)
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 2.5, 5, 10):
-        if span / (step * m) <= n:
-            step *= m
-            break
-    start = math.floor(lo / step) * step
-    ticks = []
-    v = start
-    while v <= hi + 1e-9:
-        if v >= lo - 1e-9:
-            ticks.append(round(v, 10))
-        v += step
-    return ticks
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 10:
-        return f"{v:.0f}"
-    if abs(v) >= 1:
-        return f"{v:.1f}".rstrip("0").rstrip(".")
-    return f"{v:.2f}".rstrip("0").rstrip(".")
-
-
-def draw_panel(cv: Canvas, box, title: str, xlabel: str, ylabel: str, series: list[tuple[str, list]]) -> None:
-    """One line chart in ``box`` = (x, y, w, h); ``series`` = [(label, [(x, y), ...]), ...]."""
-    bx, by, bw, bh = box
-    left, right, top, bottom = bx + 60, bx + bw - 10, by + 30, by + bh - 45
-    pts = [p for _, s in series for p in s if p[1] == p[1]]
-    if not pts:
-        return
-    xs = [p[0] for p in pts]
-    ys = [p[1] for p in pts]
-    x0, x1 = 0.0, max(xs) * 1.05
-    y0, y1 = 0.0, max(ys) * 1.15 or 1.0
-
-    def X(v):
-        return int(left + (v - x0) / (x1 - x0) * (right - left))
-
-    def Y(v):
-        return int(bottom - (v - y0) / (y1 - y0) * (bottom - top))
-
-    cv.text(bx + 60, by + 8, title, scale=2)
-    cv.line(left, bottom, right, bottom, (0, 0, 0))
-    cv.line(left, top, left, bottom, (0, 0, 0))
-    for t in _nice_ticks(y0, y1):
-        cv.line(left - 4, Y(t), left, Y(t), (0, 0, 0))
-        cv.line(left + 1, Y(t), right, Y(t), (230, 230, 230))
-        s = _fmt(t)
-        cv.text(left - 8 - 6 * len(s), Y(t) - 3, s)
-    for t in _nice_ticks(x0, x1):
-        cv.line(X(t), bottom, X(t), bottom + 4, (0, 0, 0))
-        s = _fmt(t)
-        cv.text(X(t) - 3 * len(s), bottom + 8, s)
-    cv.text((left + right) // 2 - 3 * len(xlabel), bottom + 24, xlabel)
-    for i, ch in enumerate(ylabel[:20]):  # vertical label
-        cv.text(bx + 4, top + 10 + i * 9, ch)
-    ly = top + 4
-    for i, (label, s) in enumerate(series):
-        c = _COLORS[i % len(_COLORS)]
-        s = sorted(p for p in s if p[1] == p[1])
-        for (a, b), (cc, d) in zip(s, s[1:]):
-            cv.line(X(a), Y(b), X(cc), Y(d), c, r=1)
-        for a, b in s:
-            cv.dot(X(a), Y(b), c, r=3)
-        cv.line(left + 12, ly + 3, left + 30, ly + 3, c, r=1)
-        cv.text(left + 36, ly, label)
-        ly += 12
-
-
+# -- the plot ---------------------------------------------------------------------------------
 def plot(path: Path, panels: list[dict], width: int = 1200, height: int = 480) -> str:
-    """Write a PNG with one panel per dict (title, xlabel, ylabel, series); matplotlib is used
-    when installed, else the built-in renderer.  Returns which one drew it."""
+    """Write a PNG with one line chart per dict (title, xlabel, ylabel, series =
+    [(label, [(x, y), ...]), ...]; NaN points are left out).  Returns what drew it."""
     try:
         import matplotlib
+    except ModuleNotFoundError as e:
+        from nemo_export_hooks.extras import missing_extra
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        cv = Canvas(width, height)
-        w = width // len(panels)
-        for i, p in enumerate(panels):
-            draw_panel(cv, (i * w, 0, w, height), p["title"], p["xlabel"], p["ylabel"], p["series"])
-        cv.save(path)
-        return "built-in PNG writer (matplotlib is not installed)"
-    fig, axes = plt.subplots(1, len(panels), figsize=(width / 100, height / 100))
-    for ax, p in zip(list(axes) if len(panels) > 1 else [axes], panels):
+        raise missing_extra("bench", "the bench plot", e) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(width / 100, height / 100), squeeze=False)
+    for ax, p in zip(axes[0], panels):
         for label, s in p["series"]:
             s = sorted(q for q in s if q[1] == q[1])
             ax.plot([q[0] for q in s], [q[1] for q in s], marker="o", label=label)
@@ -466,4 +317,4 @@ def plot(path: Path, panels: list[dict], width: int = 1200, height: int = 480) -
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return "matplotlib"
+    return f"matplotlib {matplotlib.__version__}"

@@ -1,6 +1,6 @@
 """``ExportConfig``: what :class:`~nemo_export_hooks.callback.HFExportCallback` exports, when,
 and where.  A plain dataclass that is also an OmegaConf structured config, so the same
-schema serves Python code, YAML (``conf/hf_export/*.yaml``) and Hydra command lines
+schema serves Python code, YAML (``nemo_export_hooks/conf/hf_export/*.yaml``) and Hydra command lines
 (``hf_export.enabled=true hf_export.keep_last_k=3``).
 
 Everything that can be checked without a trainer is checked by :meth:`ExportConfig.validate`

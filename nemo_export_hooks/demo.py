@@ -102,6 +102,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
+    from .extras import require
+
+    for extra, module in (("megatron", "megatron.core"), ("hf", "transformers"), ("lightning", "lightning.pytorch")):
+        require(extra, module, "python -m nemo_export_hooks.demo")
     torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint

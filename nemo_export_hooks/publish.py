@@ -608,7 +608,7 @@ def _load_config(path: Path) -> list[str]:
     try:
         from transformers import AutoConfig
     except ImportError:
-        return ["config.json cannot be loaded: transformers is not installed (use --no-load-config)"]
+        return ['config.json cannot be loaded: transformers is not installed (pip install "nemo-export-hooks[hf]", or use --no-load-config)']
     try:
         AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:

@@ -1,6 +1,7 @@
 """NeMo 2 training recipes with Hugging Face exports beside every checkpoint.
 
-Each recipe is a Hydra app over ``conf/`` (``conf/<recipe>.yaml`` + the ``hf_export`` group)
+Each recipe is a Hydra app over ``conf/`` (``conf/<recipe>.yaml`` + the ``hf_export`` group,
+which ships inside the package and is found through ``pkg://nemo_export_hooks.conf``)
 and turns the export on with one flag, ``hf_export.enabled=true``:
 
 * ``pretrain_qwen3_moe``: pretraining of a Qwen3-MoE-style model (mock or indexed data).

@@ -10,7 +10,8 @@ Overrides: any field of Bridge's ``ConfigContainer`` in Bridge's own Hydra synta
 ``+key=value``, ``~key``, applied by ``megatron.bridge.training.utils.omegaconf_utils``, as its
 example scripts do), e.g. ``train.train_iters=20000 checkpoint.save_interval=1000
 checkpoint.async_save=true dataset.blend=[[/data/corpus_text_document],null]``. Keys under
-``hf_export.`` are ``nemo_export_hooks.ExportConfig`` fields (``conf/hf_export/default.yaml``);
+``hf_export.`` are ``nemo_export_hooks.ExportConfig`` fields (the packaged group's
+``nemo_export_hooks/conf/hf_export/default.yaml``);
 ``hf_export.enabled=true`` is the one switch that adds ``HFExportBridgeCallback``. From Python::
 
     from recipes import bridge_pretrain_qwen3_moe as r
@@ -30,7 +31,6 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: make `recipes` and the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "hf_export"
 HF_KEY = "hf_export"
 
 
@@ -47,13 +47,15 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def hf_export_node(overrides: Sequence[str] = (), group: str = "default", arch: str = "qwen3_moe"):
-    """The ``hf_export`` node: ``conf/hf_export/<group>.yaml`` (on top of ``default.yaml``; the
-    Hydra ``defaults`` list is not an ExportConfig field), ``arch``, then ``overrides``."""
+    """The ``hf_export`` node: the packaged group's ``<group>.yaml`` (on top of ``default.yaml``;
+    the Hydra ``defaults`` list is not an ExportConfig field), ``arch``, then ``overrides``."""
     from omegaconf import OmegaConf
 
-    node = OmegaConf.load(CONF / "default.yaml")
+    from nemo_export_hooks.conf import group_file
+
+    node = OmegaConf.create(group_file("default").read_text())
     if group != "default":
-        extra = OmegaConf.load(CONF / f"{group}.yaml")
+        extra = OmegaConf.create(group_file(group).read_text())
         extra.pop("defaults", None)
         node = OmegaConf.merge(node, extra)
     node.arch = arch
@@ -63,9 +65,17 @@ def hf_export_node(overrides: Sequence[str] = (), group: str = "default", arch: 
     return OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
 
 
+def need_bridge() -> None:
+    """Megatron-Bridge, or an ImportError naming the extra that installs it."""
+    from nemo_export_hooks.extras import require
+
+    require("bridge", "megatron.bridge", "recipes/bridge_*_qwen3_moe.py")
+
+
 def base_config():
     """A Qwen3-30B-A3B-shaped model scaled down (as ``conf/pretrain_qwen3_moe.yaml``), Bridge's
     mock GPT data, bf16 mixed precision, torch_dist checkpoints every 500 iterations."""
+    need_bridge()
     import torch
     import torch.nn.functional as F
     from megatron.bridge.models.gpt_provider import GPTModelProvider
@@ -107,6 +117,7 @@ def base_config():
 
 def compose(overrides: Sequence[str] = (), hf_group: str = "default"):
     """(ConfigContainer with the Bridge overrides applied, ``hf_export`` node)."""
+    need_bridge()
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     bridge, hf = split_overrides(overrides)
@@ -150,6 +161,7 @@ def callbacks(hf_node) -> list:
 
 
 def run(cfg, hf_node):
+    need_bridge()
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 

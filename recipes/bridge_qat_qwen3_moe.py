@@ -12,7 +12,7 @@ Command line::
 ``quant.calib_steps`` (default 4) forward passes of ``quant.calib_seq`` tokens calibrate the
 amaxes (random tokens; the weight amaxes do not depend on data). Everything else as in
 ``bridge_pretrain_qwen3_moe`` (Bridge's Hydra overrides; ``hf_export.*`` from
-``conf/hf_export/qat.yaml``, whose ``expect_quant`` makes the callback refuse, at setup, a model
+the packaged ``hf_export/qat.yaml``, whose ``expect_quant`` makes the callback refuse, at setup, a model
 without quantizers of that format).
 
 Bridge's checkpoints hold ModelOpt's state (``modelopt_state/``); a run resumed from one
@@ -87,7 +87,10 @@ def quantize_hook(quant: dict):
 
 def compose(overrides: Sequence[str] = ()):
     """(ConfigContainer with the quantize hook registered, ``hf_export`` node, quant options)."""
+    from nemo_export_hooks.extras import require
+
     rest, quant = split_quant(overrides)
+    require("quant", "modelopt.torch.quantization", "recipes/bridge_qat_qwen3_moe.py (ModelOpt quantization)")
     cfg, hf = base.compose(rest, hf_group="qat")
     want = FORMATS[quant["format"]][1]
     if not any(o.lstrip("+").startswith("hf_export.expect_quant") for o in rest):

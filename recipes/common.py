@@ -1,5 +1,8 @@
 """Builders shared by the NeMo 2 recipes: Hydra config (``conf/``) -> NeMo objects.
 
+The recipe configs (``conf/<recipe>.yaml``) take the ``hf_export`` group from the installed
+package (``hydra.searchpath: [pkg://nemo_export_hooks.conf]``), as a recipe of your own does.
+
 The trainer side (strategy, trainer, checkpointing, logger, resume, optimizer) needs only
 ``nemo.lightning`` and Megatron-Core; the model and data builders import
 ``nemo.collections.llm`` lazily.  Nothing here starts training: ``build_*`` only construct
@@ -19,6 +22,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_export_hooks.callback import callbacks_from_cfg
+from nemo_export_hooks.conf import GROUP
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,11 +42,16 @@ __all__ = [
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The recipe's config as Hydra composes it from ``conf/`` (for Python use and tests)."""
+    """The recipe's config as Hydra composes it from ``conf/`` (for Python use and tests);
+    ``hf_export/<option>`` composes that option of the packaged group on its own."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_dir, initialize_config_module
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    if config_name.startswith(GROUP + "/"):
+        init = initialize_config_module(config_module="nemo_export_hooks.conf", version_base=None)
+    else:
+        init = initialize_config_dir(config_dir=str(CONF_DIR), version_base=None)
+    with init:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 

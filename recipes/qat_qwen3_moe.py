@@ -57,6 +57,9 @@ def check(cfg: DictConfig) -> None:
 
 def ptq_args(cfg: DictConfig) -> dict:
     """Arguments of ``llm.ptq`` (the NeMo quantization/export configs built lazily)."""
+    from nemo_export_hooks.extras import require
+
+    require("quant", "modelopt.torch.quantization", "recipes/qat_qwen3_moe.py (ModelOpt PTQ)")
     from nemo.collections.llm.modelopt import ExportConfig as NeMoQuantExport
     from nemo.collections.llm.modelopt import QuantizationConfig
 

@@ -1,4 +1,4 @@
-"""Hydra config group ``conf/hf_export``, the NeMo 2 recipes in ``recipes/`` and NeMo's
+"""Hydra config group ``hf_export`` (packaged, ``nemo_export_hooks/conf``), the NeMo 2 recipes in ``recipes/`` and NeMo's
 ModelCheckpoint driving the callback, all on CPU (nothing here trains with MegatronStrategy:
 Megatron's optimizer needs CUDA)."""
 

@@ -33,12 +33,21 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-try:
+from ..extras import missing_extra
+
+try:  # the `lightning` package, else the standalone `pytorch_lightning`; neither: name the extra
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
-except ImportError:  # pragma: no cover - lightning is an optional extra
-    import pytorch_lightning as pl  # type: ignore[no-redef]
-    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+except ModuleNotFoundError as _no_lightning:
+    if _no_lightning.name not in ("lightning", "lightning.pytorch"):
+        raise
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    except ModuleNotFoundError as _no_pl:
+        if _no_pl.name != "pytorch_lightning":
+            raise
+        raise missing_extra("lightning", "HFExportCallback (nemo_export_hooks.integrations.lightning)", _no_lightning) from None
 
 from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
 from ..scheduler import ExportScheduler, Request, RunResults

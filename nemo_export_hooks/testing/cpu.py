@@ -16,6 +16,10 @@ from typing import Any
 
 import torch
 
+from ..extras import require
+
+require("megatron", "megatron.core", "nemo_export_hooks.testing (tiny Megatron-Core models)")
+
 _SHIMS_APPLIED = False
 
 
