@@ -47,13 +47,44 @@ GLM = dict(num_layers=3, moe_layer_freq=[0, 1, 1], num_experts=8, moe_router_top
 
 def _oss():
     """gpt-oss in miniature (tests/test_gpt_oss.py's shape): learnable attention sinks, biases,
-    the clamped, offset SwiGLU, a sliding window on every other layer."""
+    the clamped, offset SwiGLU, a sliding window on every other layer.
+
+    Initialised like the other cases (std 0.02), not with the CPU test's 0.2: at 0.2 (logit std
+    2.3) rounding the weights to TF32 alone moves the fp32 logits by 0.084 on CPU, against 1.6e-4 at
+    0.02 and 4.3e-4 for the qwen3_moe case (tests/gpu/diag_tf32_sensitivity.py), which is the 0.12
+    this case measured on the H200 with TE's GEMMs (2026-12-02). At 0.02 the test still sees the
+    window and the sinks: off by one 0.022, sinks removed 0.080 on CPU, both well over 5e-3;
+    ``_oss_mutants_fail`` checks that on the GPU too."""
     from megatron.core.activations import quick_gelu
 
     return dict(num_layers=3, qk_layernorm=False, add_qkv_bias=True, add_bias_linear=True, rotary_base=10000.0,
                 layernorm_epsilon=1e-5,  # vLLM hard-codes 1e-5 for gpt-oss: the rule refuses others
-                extra=dict(init_method_std=0.2, softmax_type="learnable", window_size=(3, 0), window_attn_skip_freq=2,
+                extra=dict(init_method_std=0.02, softmax_type="learnable", window_size=(3, 0), window_attn_skip_freq=2,
                            activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=7.0))
+
+
+def _oss_mutants_fail(path, ids, ref) -> dict:
+    """The export with its window off by one, and with its sinks removed, must miss the
+    tolerance: otherwise this case could not see a wrong window or missing sinks."""
+    import json
+
+    cfg_path = path / "config.json"
+    good = cfg_path.read_text()
+    cfg = json.loads(good)
+    cfg["sliding_window"] -= 1
+    cfg_path.write_text(json.dumps(cfg))
+    try:
+        hf, _ = G.load_hf_gpu(path, torch.float32)
+        window = (G.hf_logits(hf, ids) - ref).abs().max().item()
+    finally:
+        cfg_path.write_text(good)
+    hf, _ = G.load_hf_gpu(path, torch.float32)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)
+    sinks = (G.hf_logits(hf, ids) - ref).abs().max().item()
+    del hf
+    return {"window_off_by_one": window, "sinks_removed": sinks}
 
 
 # id -> (arch, TinySpec overrides for G.tiny_spec, grouped experts?, expected experts type)
@@ -134,6 +165,10 @@ def test_te_layout_fp32_logits(case, tmp_path, request):
              te_no_bias_state=te_state, te_names_not_exported=ignored, note=note)
     del hf
     torch.cuda.empty_cache()
+    mutants = _oss_mutants_fail(tmp_path / "hf", ids, ref) if arch == "gpt_oss" else {}
+    if mutants:
+        G.record(request.node.nodeid + "::mutants", **mutants)
+        assert min(mutants.values()) > FP32_ATOL, f"gpt_oss: a mutant export stays within {FP32_ATOL}: {mutants}"
     assert note is None, note  # the exporter's own HF-name check must accept every layout
     assert not problems, problems
     assert ours == theirs, (sorted(ours - theirs)[:8], sorted(theirs - ours)[:8])
