@@ -258,11 +258,14 @@ def staging_in_use(path: PathLike) -> bool:
 
 
 # -- staging ------------------------------------------------------------------------------
-def make_staging_dir(final_dir: PathLike) -> Path:
+def make_staging_dir(final_dir: PathLike, create_parent: bool = True) -> Path:
     """Create and return a fresh hidden staging directory next to ``final_dir``.
 
     It is a sibling (``final_dir.parent / ".{name}.staging-{8 hex}"``) so the final rename
-    stays on one filesystem and is atomic.  The parent is created if needed.  The directory
+    stays on one filesystem and is atomic.  The parent is created if needed, unless
+    ``create_parent=False`` (an export inside a training checkpoint: a checkpoint directory
+    the checkpoint manager just deleted must not come back holding only the export; the
+    ``mkdir`` of the staging directory then fails atomically if the parent is gone).  The directory
     is locked by this process until :func:`publish` (or :func:`release_staging`), so that
     :func:`clean_stale_staging` in another run leaves it alone while it is being written.
     """
@@ -270,10 +273,16 @@ def make_staging_dir(final_dir: PathLike) -> Path:
     if not final_dir.name or final_dir.name in (".", ".."):
         raise ValueError(f"invalid export directory {str(final_dir)!r}: it needs a final name component")
     parent = final_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise type(e)(e.errno, f"cannot create export parent directory {parent}: {e.strerror}") from e
+    if create_parent:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot create export parent directory {parent}: {e.strerror}") from e
+    elif not os.path.isdir(parent):
+        raise FileNotFoundError(
+            f"export parent directory {parent} does not exist (a checkpoint directory deleted by its rotation?); "
+            "an export inside a checkpoint never creates it"
+        )
     if not parent.is_dir():
         raise NotADirectoryError(f"export parent {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -281,6 +290,8 @@ def make_staging_dir(final_dir: PathLike) -> Path:
     staging = parent / staging_name(final_dir.name)
     try:
         staging.mkdir()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(e.errno, f"cannot create staging directory {staging}: its parent {parent} is gone") from e
     except OSError as e:
         raise type(e)(e.errno, f"cannot create staging directory {staging}: {e.strerror}") from e
     _prune_locks()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from .config import ExportConfig
-from .targets import ExportRefusedError, check_target, remove_staging_of, same_lineage
+from .targets import ExportRefusedError, check_target, inside_its_checkpoint, remove_staging_of, same_lineage
 
 __all__ = ["ExportScheduler", "Host", "Request", "Job", "RunResults", "STATE_VERSION"]
 
@@ -445,6 +445,7 @@ class ExportScheduler:
                 t0=job.t0,
                 group=self.control.write,
                 log_level=logging.DEBUG,  # the scheduler logs its own line, with the step
+                create_parent=not inside_its_checkpoint(req.path, req.checkpoint, self.allow_inside),
             )
         except BaseException as e:  # noqa: BLE001 - reported on the training thread
             job.error = e

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from conftest import hf_logits, load_hf, tokens_for
 from nemo_export_hooks import export_to_hf
-from nemo_export_hooks.integrations.megatron_bridge import HFExportBridgeCallback, bridge_callbacks, read_tracker
+from nemo_export_hooks.integrations.megatron_bridge import STATE_NAME, HFExportBridgeCallback, bridge_callbacks, read_run_state, read_tracker
 from nemo_export_hooks.publish import read_manifest, verify_export
 from nemo_export_hooks.testing.bridge_loop import BridgeRun, CheckpointConfig, load_saved_weights
 from nemo_export_hooks.testing.cpu import TinySpec, build_gpt, megatron_logits
@@ -49,13 +49,16 @@ def assert_export_holds_checkpoint(export: Path, save: Path, iteration: int, tmp
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), f"iteration {iteration}: {k} differs"
 
 
-def run(tmp_path, async_save, train_iters=6, interval=2, start=0, model=None, unpredicted=(), **cb_kw):
+def run(tmp_path, async_save, train_iters=6, interval=2, start=0, model=None, unpredicted=(), seed=0, kill_at=None, before=(), **cb_kw):
     save = tmp_path / "ckpt"
     cb_kw.setdefault("on_busy", "wait")  # exports must not depend on how fast the writer is
     cb = HFExportBridgeCallback(arch=ARCH, dtype="float32", **cb_kw)
     model = model if model is not None else build_gpt(SPEC, seed=5)
-    loop = BridgeRun(model, [cb], CheckpointConfig(str(save), interval, async_save), train_iters, start_step=start, unpredicted_saves=unpredicted)
+    loop = BridgeRun(model, [*before, cb], CheckpointConfig(str(save), interval, async_save, load=str(save) if start else None), train_iters,
+                     start_step=start, unpredicted_saves=unpredicted, seed=seed, kill_at=kill_at)
     loop.run()
+    if loop.killed:
+        cb.scheduler.shutdown()  # the dead process's writer thread: let it end before the next run
     return cb, loop, save, model
 
 
@@ -131,10 +134,111 @@ def test_resume_continues_the_lineage(mcore, tmp_path):
 
 
 def test_another_runs_export_is_not_replaced(mcore, tmp_path):
-    cb, _, save, _ = run(tmp_path, async_save=False, train_iters=2)
-    cb2, _, _, _ = run(tmp_path, async_save=False, train_iters=2)  # a fresh run, same save dir
+    """Outside the checkpoint (``placement="subdir"``) a fresh run sharing the save directory
+    does not replace an earlier run's export."""
+    cb, _, save, _ = run(tmp_path, async_save=False, train_iters=2, placement="subdir")
+    cb2, _, _, _ = run(tmp_path, async_save=False, train_iters=2, placement="subdir")  # a fresh run, same save dir
     assert cb2.failed == 1 and cb2.exports == []
-    assert read_manifest(save / "iter_0000002" / "hf")["run_id"] == cb.scheduler.run_id
+    assert read_manifest(save / "hf" / "iter_0000002")["run_id"] == cb.scheduler.run_id
+
+
+def test_a_fresh_run_resaving_an_iteration_replaces_the_export_inside_it(mcore, tmp_path):
+    """Inside ``iter_N/`` the export must hold iter_N's weights: a fresh run that saves
+    iteration N again over an earlier run's checkpoint also replaces the export inside it."""
+    run(tmp_path, async_save=False, train_iters=2)
+    cb2, _, save, _ = run(tmp_path, async_save=False, train_iters=2, seed=3)
+    assert cb2.failed == 0 and [e["step"] for e in cb2.exports] == [2]
+    assert read_manifest(save / "iter_0000002" / "hf")["run_id"] == cb2.scheduler.run_id
+    assert_export_holds_checkpoint(save / "iter_0000002" / "hf", save, 2, tmp_path)
+
+
+RESUME_CASES = {
+    # hf_export's retention deleted the export of the resume iteration (issue 24, item 1)
+    "keep_last_2": dict(keep_last_k=2),
+    "keep_all": dict(),
+    # the export of the resume iteration failed (its target was in the way, since removed)
+    "resume_export_failed": dict(),
+    # a checkpoint without the saved state (an older version) and no export to take the id from
+    "no_saved_state": dict(keep_last_k=2),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_kill_and_resume_from_an_older_iteration_leaves_no_discarded_weights(mcore, tmp_path, case, caplog):
+    """Train to 8 (saves every 2) and get killed, then resume from iteration 4 with another
+    data order (the discarded future's checkpoints 6 and 8 are saved again).  The run keeps
+    its identity from the state saved in iter_0000004 whatever exports exist, and after the
+    resumed run every export inside an iter_N holds exactly iter_N's weights."""
+    kw = RESUME_CASES[case]
+    save = tmp_path / "ckpt"
+    if case == "resume_export_failed":
+        (save / "iter_0000004").mkdir(parents=True)
+        (save / "iter_0000004" / "hf").write_text("in the way")
+    cb, loop, _, _ = run(tmp_path, async_save=False, train_iters=10, kill_at=8, **kw)
+    assert loop.killed
+    assert (save / "iter_0000006" / "hf").is_dir() and (save / "iter_0000008" / "hf").is_dir()  # the future to discard
+    first_id = cb.scheduler.run_id
+    state = read_run_state(save / "iter_0000004")
+    assert state["run_id"] == first_id and state["iteration"] == 4
+    if case == "resume_export_failed":
+        (save / "iter_0000004" / "hf").unlink()
+    if case == "no_saved_state":
+        for p in save.glob(f"iter_*/{STATE_NAME}"):
+            p.unlink()
+    model = build_gpt(SPEC, seed=77)
+    load_saved_weights(model, save, 4)
+    cb2, _, _, _ = run(tmp_path, async_save=case == "keep_all", train_iters=8, start=4, model=model, seed=1, **kw)
+    assert cb2.failed == 0, caplog.text
+    if case != "no_saved_state":
+        assert cb2.scheduler.run_id == first_id
+    want = {"keep_last_2": [6, 8], "no_saved_state": [6, 8], "keep_all": [2, 4, 6, 8], "resume_export_failed": [2, 4, 6, 8]}[case]
+    present = [n for n in (2, 4, 6, 8) if (save / f"iter_{n:07d}" / "hf").exists()]
+    assert present == want
+    for n in present:
+        export = save / f"iter_{n:07d}" / "hf"
+        assert verify_export(export) == []
+        assert_export_holds_checkpoint(export, save, n, tmp_path)
+    for n in (6, 8):
+        assert read_manifest(save / f"iter_{n:07d}" / "hf")["run_id"] == cb2.scheduler.run_id
+
+
+def test_export_never_recreates_a_rotated_checkpoint_dir(mcore, tmp_path, caplog):
+    """A checkpoint rotated away before its export starts: the export is refused, naming the
+    gone directory, and ``iter_N/`` does not come back holding only ``hf/``."""
+    import shutil
+
+    class Rotate:  # deletes iter_2 as its checkpoint is confirmed, before the export callback runs
+        def on_checkpoint_save(self, ctx):
+            if read_tracker(ctx.state.cfg.checkpoint.save) == 2:
+                shutil.rmtree(Path(ctx.state.cfg.checkpoint.save) / "iter_0000002")
+
+    cb, _, save, _ = run(tmp_path, async_save=False, train_iters=4, before=[Rotate()])
+    assert not (save / "iter_0000002").exists()
+    assert cb.failed == 1 and [e["step"] for e in cb.exports] == [4]
+    assert "iter_0000002 no longer exists" in caplog.text
+
+
+def test_staging_dir_never_creates_its_parent_inside_a_checkpoint(tmp_path):
+    from nemo_export_hooks.publish import make_staging_dir
+
+    with pytest.raises(FileNotFoundError, match="iter_0000002 does not exist"):
+        make_staging_dir(tmp_path / "iter_0000002" / "hf", create_parent=False)
+    assert not (tmp_path / "iter_0000002").exists()
+    assert make_staging_dir(tmp_path / "a" / "hf").parent == tmp_path / "a"  # elsewhere it is created
+
+
+def test_dirpath_gets_latest_and_its_staging_leftovers_cleaned(mcore, tmp_path):
+    """``dirpath`` overrides the inside placement: ``latest`` is made there, and what a
+    crashed export left in it is cleaned at start."""
+    d = tmp_path / "D"
+    stale = d / ".hf-00002.staging-0123abcd"
+    stale.mkdir(parents=True)
+    (stale / "model-00001-of-00001.safetensors").write_bytes(b"x")
+    cb, _, _, _ = run(tmp_path, async_save=False, train_iters=4, dirpath=str(d), filename="hf-{step:05d}")
+    assert [e["path"] for e in cb.exports] == [str(d / "hf-00002"), str(d / "hf-00004")]
+    assert not stale.exists()
+    assert (d / "latest").resolve() == (d / "hf-00004").resolve()
+    assert (d / "latest.txt").read_text() == "hf-00004\n"
 
 
 def test_recipe_switch():
