@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from conftest import hf_logits, load_hf, tokens_for
 from nemo_export_hooks import export_to_hf
-from nemo_export_hooks.integrations.megatron_bridge import STATE_NAME, HFExportBridgeCallback, bridge_callbacks, read_run_state, read_tracker
+from nemo_export_hooks.integrations.megatron_bridge import HFExportBridgeCallback, bridge_callbacks, read_run_state, read_tracker
 from nemo_export_hooks.publish import read_manifest, verify_export
 from nemo_export_hooks.testing.bridge_loop import BridgeRun, CheckpointConfig, load_saved_weights
 from nemo_export_hooks.testing.cpu import TinySpec, build_gpt, megatron_logits
@@ -165,41 +165,40 @@ RESUME_CASES = {
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_kill_and_resume_from_an_older_iteration_leaves_no_discarded_weights(mcore, tmp_path, case, caplog):
-    """Train to 8 (saves every 2) and get killed, then resume from iteration 4 with another
-    data order (the discarded future's checkpoints 6 and 8 are saved again).  The run keeps
-    its identity from the state saved in iter_0000004 whatever exports exist, and after the
+    """Train to 6 (saves every 2) and get killed, then resume from iteration 2 with another
+    data order (the discarded future's checkpoints 4 and 6 are saved again).  The run keeps
+    its identity from the state saved in iter_0000002 whatever exports exist, and after the
     resumed run every export inside an iter_N holds exactly iter_N's weights."""
     kw = RESUME_CASES[case]
     save = tmp_path / "ckpt"
     if case == "resume_export_failed":
-        (save / "iter_0000004").mkdir(parents=True)
-        (save / "iter_0000004" / "hf").write_text("in the way")
-    cb, loop, _, _ = run(tmp_path, async_save=False, train_iters=10, kill_at=8, **kw)
+        (save / "iter_0000002").mkdir(parents=True)
+        (save / "iter_0000002" / "hf").write_text("in the way")
+    cb, loop, _, _ = run(tmp_path, async_save=False, train_iters=8, kill_at=6, **kw)
     assert loop.killed
-    assert (save / "iter_0000006" / "hf").is_dir() and (save / "iter_0000008" / "hf").is_dir()  # the future to discard
+    assert (save / "iter_0000004" / "hf").is_dir() and (save / "iter_0000006" / "hf").is_dir()  # the future to discard
     first_id = cb.scheduler.run_id
-    state = read_run_state(save / "iter_0000004")
-    assert state["run_id"] == first_id and state["iteration"] == 4
     if case == "resume_export_failed":
-        (save / "iter_0000004" / "hf").unlink()
+        (save / "iter_0000002" / "hf").unlink()
     if case == "no_saved_state":
-        for p in save.glob(f"iter_*/{STATE_NAME}"):
+        for p in save.glob("iter_*/hf_export_state.json"):
             p.unlink()
     model = build_gpt(SPEC, seed=77)
-    load_saved_weights(model, save, 4)
-    cb2, _, _, _ = run(tmp_path, async_save=case == "keep_all", train_iters=8, start=4, model=model, seed=1, **kw)
+    load_saved_weights(model, save, 2)
+    cb2, _, _, _ = run(tmp_path, async_save=case == "keep_all", train_iters=6, start=2, model=model, seed=1, **kw)
     assert cb2.failed == 0, caplog.text
-    if case != "no_saved_state":
-        assert cb2.scheduler.run_id == first_id
-    want = {"keep_last_2": [6, 8], "no_saved_state": [6, 8], "keep_all": [2, 4, 6, 8], "resume_export_failed": [2, 4, 6, 8]}[case]
-    present = [n for n in (2, 4, 6, 8) if (save / f"iter_{n:07d}" / "hf").exists()]
+    want = {"keep_last_2": [4, 6], "no_saved_state": [4, 6], "keep_all": [2, 4, 6], "resume_export_failed": [2, 4, 6]}[case]
+    present = [n for n in (2, 4, 6) if (save / f"iter_{n:07d}" / "hf").exists()]
     assert present == want
     for n in present:
         export = save / f"iter_{n:07d}" / "hf"
         assert verify_export(export) == []
         assert_export_holds_checkpoint(export, save, n, tmp_path)
-    for n in (6, 8):
+    for n in (4, 6):
         assert read_manifest(save / f"iter_{n:07d}" / "hf")["run_id"] == cb2.scheduler.run_id
+    if case != "no_saved_state":  # the identity came from the state saved in iter_0000002
+        assert cb2.scheduler.run_id == first_id
+        assert read_run_state(save / "iter_0000002")["run_id"] == first_id
 
 
 def test_export_never_recreates_a_rotated_checkpoint_dir(mcore, tmp_path, caplog):
