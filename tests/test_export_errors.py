@@ -150,6 +150,9 @@ def test_unmapped_parameters_are_named_in_a_warning(mcore, tmp_path):
         ({"num_experts_per_tok": 3}, r"num_experts_per_tok=3 contradicts the model, whose value is 2"),
         ({"rms_norm_eps": "abc"}, r"rms_norm_eps='abc': must be a finite number, got str \(the model's value is 1e-06\)"),
         ({"num_hidden_layers": 0}, r"num_hidden_layers=0 must be positive"),
+        # an int beyond a float's range (issue 24, item 5): named, not an OverflowError
+        ({"rope_theta": 10**400}, r"rope_theta=1000000.*\(401 characters\): must be a finite number, got int"),
+        ({"rope_theta": float("inf")}, r"rope_theta=inf: must be a finite number"),
     ],
 )
 def test_contradicting_overrides_refused_before_writing(mcore, tmp_path, overrides, message):
