@@ -256,3 +256,24 @@ def test_qwen2_head_dim_must_be_derivable(mcore, tmp_path):
         export_to_hf(model, tmp_path / "out", arch="qwen2")
     _nothing_written(tmp_path)
     export_to_hf(build_gpt(TinySpec(num_experts=None, qk_layernorm=False, add_qkv_bias=True)), tmp_path / "ok", arch="qwen2")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_index_disk_full_names_the_file(tmp_path, monkeypatch):
+    """The index's temporary file on a full disk (issue 24, item 7): the error names the
+    index, and no temporary file is left."""
+    import errno
+    import uuid
+
+    from safetensors.torch import save_file
+
+    from nemo_export_hooks.exporter import writer as W
+
+    token = uuid.UUID("0" * 32)
+    monkeypatch.setattr(W.uuid, "uuid4", lambda: token)
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "rank00000-0.safetensors"))
+    (tmp_path / f".{W.INDEX_NAME}.tmp-{token.hex[:8]}").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / W.INDEX_NAME}: No space left on device") as ei:
+        W.finalize_shards(tmp_path, {"a": "rank00000-0.safetensors"})
+    assert ei.value.errno == errno.ENOSPC
+    assert not any(p.name.startswith(f".{W.INDEX_NAME}.tmp") for p in tmp_path.iterdir())
