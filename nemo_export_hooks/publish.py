@@ -758,7 +758,10 @@ def _check_index(path: Path) -> tuple[list[str], Optional[tuple[int, int]]]:
 
 
 # -- latest pointer and retention ---------------------------------------------------------
-def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
+LATEST_LOCK_TIMEOUT_S = 60.0  # the longest update_latest waits for another process's lock
+
+
+def update_latest(parent: PathLike, final_dir: PathLike, lock_timeout_s: Optional[float] = None, on_wait=None) -> bool:
     """Point ``parent/latest`` (relative symlink) and ``parent/latest.txt`` at ``final_dir``,
     unless they already point at an export of a later step; return whether they moved.
 
@@ -766,7 +769,10 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
     manifests): two runs sharing a directory would otherwise fight over it, the last to
     publish winning even with an older step.  An export without a step, or a pointer whose
     target is gone or has no step, is replaced as before.  Updates are serialised across
-    processes by an ``flock`` on ``parent`` (where supported).  Both files are replaced
+    processes by an ``flock`` on ``parent`` (where supported): a wait for another process's
+    lock is logged, ``on_wait()`` is called when it starts, and it ends after
+    ``lock_timeout_s`` (default :data:`LATEST_LOCK_TIMEOUT_S`) with ``TimeoutError`` naming
+    the directory; the pointers are then left as they are.  Both files are replaced
     atomically (temporary + ``os.replace``), so readers see the old or the new target.
     ``latest.txt`` (the name plus a newline) serves filesystems without symlinks; if
     symlinks are unsupported only the text file is written.
@@ -779,7 +785,8 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
     link = parent / LATEST_LINK
     if link.exists() and not link.is_symlink():
         raise FileExistsError(f"{link} exists and is not a symlink; refusing to replace it")
-    with _dir_lock(parent):
+    timeout = LATEST_LOCK_TIMEOUT_S if lock_timeout_s is None else float(lock_timeout_s)
+    with _dir_lock(parent, timeout, f"to point latest at {final_dir.name}", on_wait):
         current = _latest_target(parent)
         new_step, cur_step = _manifest_step(final_dir), _manifest_step(current) if current is not None else None
         if current is not None and current.name != final_dir.name and new_step is not None and cur_step is not None and cur_step > new_step:
@@ -828,26 +835,65 @@ def _manifest_step(directory: Path) -> Optional[int]:
 
 class _dir_lock:
     """``flock`` on a directory for the duration of a block (no lock file is created);
-    nothing is locked where the file system does not support it."""
+    nothing is locked where the file system does not support it.  A lock another process
+    holds is waited for, with a log line saying what for, at most ``timeout_s`` seconds
+    (``None``: without bound); then ``TimeoutError`` names the directory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timeout_s: Optional[float] = None, what: str = "", on_wait=None):
         self.path, self.fd = path, None
+        self.timeout_s, self.what, self.on_wait = timeout_s, what, on_wait
 
     def __enter__(self):
         try:
             import fcntl
-
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        try:
             self.fd = os.open(self.path, _O_DIR)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            if self.fd is not None:
-                os.close(self.fd)
-            self.fd = None
+        except OSError:
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return self
+        except BlockingIOError:
+            pass
+        except OSError:  # locking unsupported here
+            self._close()
+            return self
+        bound = "without a bound" if self.timeout_s is None else f"at most {self.timeout_s:g} s"
+        log.info("waiting for the lock on %s %s: another process holds it (flock on the directory, taken to update latest); waiting %s", self.path, self.what, bound)
+        if self.on_wait is not None:
+            self.on_wait()
+        t0 = time.monotonic()
+        pause = 0.01
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._close()
+                return self
+            waited = time.monotonic() - t0
+            if self.timeout_s is not None and waited >= self.timeout_s:
+                self._close()
+                raise TimeoutError(
+                    f"gave up waiting for the lock on {self.path} {self.what} after {waited:.1f} s: another process "
+                    "holds it (flock on the directory, taken to update latest); latest was left as it was"
+                )
+            time.sleep(pause if self.timeout_s is None else min(pause, max(0.0, self.timeout_s - waited)))
+            pause = min(pause * 2, 0.5)
+        log.info("got the lock on %s after %.2f s", self.path, time.monotonic() - t0)
         return self
 
-    def __exit__(self, *exc):
+    def _close(self):
         if self.fd is not None:
             os.close(self.fd)  # releases the lock
+        self.fd = None
+
+    def __exit__(self, *exc):
+        self._close()
         return False
 
 

@@ -53,6 +53,8 @@ def run(tmp_path, async_save, train_iters=6, interval=2, start=0, model=None, un
     save = tmp_path / "ckpt"
     cb_kw.setdefault("on_busy", "wait")  # exports must not depend on how fast the writer is
     cb = HFExportBridgeCallback(arch=ARCH, dtype="float32", **cb_kw)
+    for b in before:  # callbacks run before the export callback, and may watch it
+        b.export_cb = cb
     model = model if model is not None else build_gpt(SPEC, seed=5)
     loop = BridgeRun(model, [*before, cb], CheckpointConfig(str(save), interval, async_save, load=str(save) if start else None), train_iters,
                      start_step=start, unpredicted_saves=unpredicted, seed=seed, kill_at=kill_at)
@@ -264,3 +266,44 @@ def test_two_ranks_async(mcore, tmp_path):
     for e in res["exports"]:
         assert verify_export(e["path"]) == []
         assert_export_holds_checkpoint(Path(e["path"]), save, e["step"], tmp_path)
+
+
+def test_export_waiting_for_the_latest_lock_is_not_reported_as_being_written(mcore, tmp_path, caplog):
+    """Issue 24, item 8, async writes: another process holds the lock on the export
+    directory.  The export of 2 is published and waits for it to update ``latest``; the
+    skipped export of 4 says so (not "still being written"); once the lock is free, 6 runs."""
+    import logging
+    import time
+
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_publish import _HeldLock
+
+    hf = tmp_path / "ckpt" / "hf"
+    hf.mkdir(parents=True)
+    lock = _HeldLock(hf)
+
+    class Gate:  # runs before the export callback; synchronises on the writer's state, not on time
+        def on_checkpoint_save(self, ctx):
+            if read_tracker(ctx.state.cfg.checkpoint.save) == 4:
+                deadline = time.monotonic() + 120
+                while "waiting for the lock" not in getattr(self.export_cb.scheduler.inflight, "phase", ""):
+                    assert time.monotonic() < deadline, "the export of step 2 never reached the latest lock"
+                    time.sleep(0.01)
+
+        def on_train_step_start(self, ctx):
+            if ctx.state.train_state.step == 4:
+                lock.release()
+
+    try:
+        with caplog.at_level(logging.INFO, logger="nemo_export_hooks"):
+            cb, _, save, _ = run(tmp_path, async_save=False, train_iters=6, placement="subdir", on_busy="skip", before=[Gate()])
+    finally:
+        lock.release()
+    assert [e["step"] for e in cb.exports] == [2, 6] and cb.skipped == 1 and cb.failed == 0
+    assert f"waiting for the lock on {hf} to point latest at iter_0000002" in caplog.text
+    assert (f"skipped the export of step 4: the export of step 2 is published at {hf / 'iter_0000002'} and is waiting for the lock "
+            f"another process holds on {hf} to update the latest pointer there") in caplog.text
+    assert "still being written" not in caplog.text
+    assert (hf / "latest").resolve() == (hf / "iter_0000006").resolve()
