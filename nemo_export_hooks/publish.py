@@ -511,6 +511,84 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
 
 
 # -- verify -------------------------------------------------------------------------------
+# Bounds for what verify reads, so that any input (a hostile or broken directory) costs
+# bounded time and memory and ends in a one-line reason.
+JSON_MAX_BYTES = 64 << 20  # tokenizer.json of a large vocabulary is tens of MB
+CONFIG_MAX_BYTES = 4 << 20  # config.json, generation_config.json: a few KB in practice
+JSON_MAX_DEPTH = 64
+TREE_MAX_DEPTH = 16  # an export is flat (a tokenizer may add a level or two)
+TREE_MAX_ENTRIES = 100_000
+
+
+class _BadJSON(ValueError):
+    """A JSON file verify will not (or cannot) read: its message is the one-line reason."""
+
+
+def _json_depth(obj) -> int:
+    """Nesting depth of a parsed JSON value, computed without recursion."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        depth = max(depth, d)
+        if depth > JSON_MAX_DEPTH:
+            return depth
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return depth
+
+
+def _read_json(fp: Path, max_bytes: int = JSON_MAX_BYTES):
+    """Parse ``fp``: a regular file (never a FIFO or device: opened non-blocking and checked
+    before reading) of at most ``max_bytes``, nested at most :data:`JSON_MAX_DEPTH` deep.
+    Raises :class:`_BadJSON` (or ``OSError``) with the reason."""
+    import stat
+
+    fd = os.open(fp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _BadJSON("is not a regular file")
+        if st.st_size > max_bytes:
+            raise _BadJSON(f"is {st.st_size} bytes, more than the {max_bytes} bytes verify reads of it")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _BadJSON(f"grew beyond {max_bytes} bytes while read")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise _BadJSON(f"is not valid JSON: nested deeper than {JSON_MAX_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _BadJSON(f"is not valid JSON: {e}") from None
+    if _json_depth(obj) > JSON_MAX_DEPTH:
+        raise _BadJSON(f"is nested deeper than {JSON_MAX_DEPTH} levels")
+    return obj
+
+
+def _tree(path: Path) -> tuple[list[Path], Optional[str]]:
+    """Every entry under ``path`` (sorted; symlinks listed, not followed), walked without
+    recursion, and why the walk stopped early (too deep, too many entries), or ``None``."""
+    out: list[Path] = []
+    stack = [(path, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            return sorted(out), f"{d.relative_to(path).as_posix() or '.'} cannot be listed: {e.strerror or e}"
+        for e in entries:
+            p = Path(e.path)
+            out.append(p)
+            if len(out) > TREE_MAX_ENTRIES:
+                return sorted(out), f"it holds more than {TREE_MAX_ENTRIES} entries"
+            if e.is_dir(follow_symlinks=False):
+                if depth + 1 >= TREE_MAX_DEPTH:
+                    return sorted(out), f"{p.relative_to(path).as_posix()}/: directories nested deeper than {TREE_MAX_DEPTH} levels"
+                stack.append((p, depth + 1))
+    return sorted(out), None
+
+
 def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     """Check an export; return human-readable problems (an empty list means it is good).
 
@@ -529,13 +607,26 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     if not path.is_dir():
         return [f"{path} is not a directory"]
     problems: list[str] = []
+    tree, too_big = _tree(path)
+    if too_big is not None:
+        return [f"{path} is not an export: {too_big}"]
     # An export holds only regular files and directories: a symlink (a shard replaced by a
     # link to a file elsewhere) is content the manifest does not vouch for, and would change
-    # when its target does.  (``path`` itself may be a link, e.g. ``latest``.)
-    for p in sorted(path.rglob("*")):
+    # when its target does.  (``path`` itself may be a link, e.g. ``latest``.)  A FIFO, a
+    # socket or a device is never read.
+    import stat
+
+    for p in tree:
+        rel = p.relative_to(path).as_posix()
         if p.is_symlink():
-            rel = p.relative_to(path).as_posix()
             problems.append(f"{rel}: is a symlink (to {os.readlink(p)}); an export holds only regular files")
+            continue
+        try:
+            mode = p.lstat().st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            problems.append(f"{rel}: is not a regular file; an export holds only regular files")
 
     manifest = None
     mpath = path / MANIFEST_NAME
@@ -543,9 +634,11 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
         problems.append(f"{MANIFEST_NAME} is missing")
     else:
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            problems.append(f"{MANIFEST_NAME} is not valid JSON: {e}")
+            manifest = _read_json(mpath)
+        except _BadJSON as e:
+            problems.append(f"{MANIFEST_NAME} {e}")
+        except OSError as e:
+            problems.append(f"{MANIFEST_NAME} cannot be read: {e}")
         if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
             problems.append(f"{MANIFEST_NAME} has no 'files' table")
             manifest = None
@@ -574,7 +667,7 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
         if digest != info.get("sha256"):
             problems.append(f"{rel}: sha256 is {digest}, manifest says {info.get('sha256')}")
     if manifest is not None:
-        for p in sorted(path.rglob("*")):
+        for p in tree:
             rel = p.relative_to(path).as_posix()
             if rel in listed or rel == MANIFEST_NAME or p.is_dir() or any(s.startswith(".") for s in Path(rel).parts):
                 continue
@@ -590,28 +683,35 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
         if isinstance(manifest.get("total_bytes"), int) and manifest["total_bytes"] != total:
             problems.append(f"{MANIFEST_NAME} says {manifest['total_bytes']} tensor bytes, the shards hold {total}")
 
-    for p in sorted(path.glob("*.json")):
-        if p.name in (MANIFEST_NAME, INDEX_NAME, "config.json"):
+    for p in tree:
+        if p.parent != path or not p.name.endswith(".json") or p.name in (MANIFEST_NAME, INDEX_NAME, "config.json"):
             continue
+        if p.is_symlink():
+            continue  # reported above
         try:
-            json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            problems.append(f"{p.name} is not valid JSON: {e}")
+            _read_json(p, CONFIG_MAX_BYTES if p.name == "generation_config.json" else JSON_MAX_BYTES)
+        except _BadJSON as e:
+            problems.append(f"{p.name} {e}")
+        except OSError as e:
+            problems.append(f"{p.name} cannot be read: {e}")
     cpath = path / "config.json"
-    if not cpath.is_file():
+    if not os.path.lexists(cpath):
         problems.append("config.json is missing")
-    else:
+    elif not cpath.is_symlink():
+        cfg = None
         try:
-            cfg = json.loads(cpath.read_text(encoding="utf-8"))
-            if not isinstance(cfg, dict):
-                problems.append("config.json is not a JSON object")
-            elif load_config:
-                loaded = _load_config(path)
-                problems.extend(loaded)
-                if not loaded:
-                    problems.extend(_check_against_config(path, cfg))
-        except (OSError, ValueError) as e:
-            problems.append(f"config.json is not valid JSON: {e}")
+            cfg = _read_json(cpath, CONFIG_MAX_BYTES)
+        except _BadJSON as e:
+            problems.append(f"config.json {e}")
+        except OSError as e:
+            problems.append(f"config.json cannot be read: {e}")
+        if cfg is not None and not isinstance(cfg, dict):
+            problems.append("config.json is not a JSON object")
+        elif cfg is not None and load_config:
+            loaded = _load_config(path)
+            problems.extend(loaded)
+            if not loaded:
+                problems.extend(_check_against_config(path, cfg))
     return problems
 
 
@@ -662,20 +762,28 @@ def _check_against_config(path: Path, cfg: dict) -> list[str]:
         from .exporter.hf_config import config_problems, expected_hf_shapes
     except ImportError:
         return []
-    problems = config_problems(cfg)
+    try:
+        problems = config_problems(cfg)
+    except Exception as e:  # a value transformers' own config class chokes on
+        return [f"config.json cannot be checked: {type(e).__name__}: {e}"]
+    have: dict = {}
+    files = [path / "model.safetensors"] if not (path / INDEX_NAME).is_file() else sorted(path.glob("*.safetensors"))
+    for fp in files:
+        if fp.is_symlink() or not fp.is_file():
+            return problems  # reported above
+        try:
+            have.update(_shard_entries(fp))
+        except Exception:
+            return problems  # reported by the index check
+    claimed = _claimed_counts_problems(cfg, have)
+    if claimed:  # building the class from these counts could take minutes and gigabytes
+        return problems + claimed
     try:
         expected = expected_hf_shapes(cfg)
     except Exception as e:
         return problems + [f"config.json does not build a transformers model: {type(e).__name__}: {e}"]
     if expected is None:
         return problems
-    have: dict = {}
-    files = [path / "model.safetensors"] if not (path / INDEX_NAME).is_file() else sorted(path.glob("*.safetensors"))
-    for fp in files:
-        try:
-            have.update(_shard_entries(fp))
-        except Exception:
-            return problems  # reported by the index check
     cls = cfg["architectures"][0]
     base = {n: e for n, e in have.items() if not n.endswith(_QUANT_SUFFIXES)}
     missing = sorted(set(expected) - set(base))
@@ -693,6 +801,38 @@ def _check_against_config(path: Path, cfg: dict) -> list[str]:
     if wrong:
         problems.append(f"{len(wrong)} tensor shape(s) do not match {cls} built from config.json: " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
     return problems
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _claimed_counts_problems(cfg: dict, have: dict) -> list[str]:
+    """config.json's layer and expert counts against the shard headers, before the model
+    class is built from them: a count above what the shards hold would build a huge class
+    (``num_hidden_layers: 100000``: minutes, gigabytes) only to report the tensors missing."""
+    out = []
+    layers = {int(m.group(1)) for n in have for m in [_LAYER_RE.search(n)] if m}
+    experts = {int(m.group(1)) for n in have for m in [_EXPERT_RE.search(n)] if m}
+    for keys, found, what in ((_LAYER_COUNTS, layers, "layer"), (_EXPERT_COUNTS, experts, "expert")):
+        for k in keys:
+            v = cfg.get(k)
+            if not isinstance(v, int) or isinstance(v, bool):
+                continue
+            if what == "expert" and not found:
+                continue  # experts stored fused (one tensor for all): their shapes are checked
+            n = max(found) + 1 if found else 0
+            if v > n:
+                from .exporter.hf_config import short_repr
+
+                out.append(
+                    f"config.json says {k}={short_repr(v)}, the shards hold {n} {what}(s)"
+                    + (f" ({what} indices 0..{n - 1})" if n else "")
+                    + f": transformers would leave the other {what}s random (the model class was not built from it)"
+                )
+    return out
 
 
 def _shard_keys(fp: Path) -> set:
@@ -714,7 +854,7 @@ def _check_index(path: Path) -> tuple[list[str], Optional[tuple[int, int]]]:
             problems.append(f"no weights: neither {INDEX_NAME} nor model.safetensors exists")
         return problems, None
     try:
-        index = json.loads(ipath.read_text(encoding="utf-8"))
+        index = _read_json(ipath)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise ValueError("'weight_map' is not an object")
