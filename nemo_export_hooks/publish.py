@@ -422,8 +422,7 @@ def _writer_digest(path: Path) -> Optional[str]:
 def read_manifest(directory: PathLike) -> Optional[dict]:
     """The parsed manifest of ``directory``, or ``None`` if absent or unreadable."""
     try:
-        with open(Path(directory) / MANIFEST_NAME, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _read_json(Path(directory) / MANIFEST_NAME)  # a bounded regular file, never a FIFO
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

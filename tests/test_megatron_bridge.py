@@ -262,8 +262,15 @@ def test_two_ranks_async(mcore, tmp_path):
     assert rc == 0, log[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world"] == 2 and res["failed"] == 0 and [e["step"] for e in res["exports"]] == [2, 4, 6]
+    # the resumed run (from iteration 2, whose export retention deleted): one identity on
+    # both ranks, the first run's; the export of 2 (pending in the saved state, gone) is
+    # redone from the restored weights, those of 4 and 6 replace the discarded ones, and
+    # retention (keep 2) removes 2 again
+    r = res["resumed"]
+    assert r["failed"] == 0 and r["run_ids"] == [r["first_run_id"]] * 2 and [e["step"] for e in r["exports"]] == [2, 4, 6]
     save = tmp_path / "ckpt"
-    for e in res["exports"]:
+    assert not (save / "iter_0000002" / "hf").exists()
+    for e in r["exports"][1:]:
         assert verify_export(e["path"]) == []
         assert_export_holds_checkpoint(Path(e["path"]), save, e["step"], tmp_path)
 
@@ -293,8 +300,12 @@ def test_export_waiting_for_the_latest_lock_is_not_reported_as_being_written(mco
                     time.sleep(0.01)
 
         def on_train_step_start(self, ctx):
-            if ctx.state.train_state.step == 4:
+            if ctx.state.train_state.step == 4:  # after the skip: free the lock, let the export of 2 end
                 lock.release()
+                job, deadline = self.export_cb.scheduler.inflight, time.monotonic() + 120
+                while job is not None and not job.future.done():
+                    assert time.monotonic() < deadline, "the export of step 2 did not end once the lock was free"
+                    time.sleep(0.01)
 
     try:
         with caplog.at_level(logging.INFO, logger="nemo_export_hooks"):
