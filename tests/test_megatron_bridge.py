@@ -318,3 +318,16 @@ def test_export_waiting_for_the_latest_lock_is_not_reported_as_being_written(mco
             f"another process holds on {hf} to update the latest pointer there") in caplog.text
     assert "still being written" not in caplog.text
     assert (hf / "latest").resolve() == (hf / "iter_0000006").resolve()
+
+
+def test_a_damaged_saved_state_is_ignored_with_a_warning(mcore, tmp_path, caplog):
+    """A state file that is not what the callback writes: a warning, the identity is taken
+    from the resumed iteration's export instead, training goes on."""
+    cb, _, save, _ = run(tmp_path, async_save=False, train_iters=4)
+    (save / "iter_0000002" / "hf_export_state.json").write_text(json.dumps({"run_id": "x", "iteration": 2, "exported_steps": ["two"]}))
+    model = build_gpt(SPEC, seed=77)
+    load_saved_weights(model, save, 2)
+    cb2, _, _, _ = run(tmp_path, async_save=False, train_iters=4, start=2, model=model, seed=1)
+    assert "ignoring the export state saved in iteration 2's checkpoint" in caplog.text
+    assert cb2.failed == 0 and cb2.scheduler.run_id == cb.scheduler.run_id
+    assert_export_holds_checkpoint(save / "iter_0000004" / "hf", save, 4, tmp_path)

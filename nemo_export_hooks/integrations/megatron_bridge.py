@@ -112,6 +112,21 @@ def read_run_state(checkpoint_dir: str | Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def _check_run_state(data: dict) -> None:
+    """Raise ``ValueError`` unless ``data`` has the shape ``ExportScheduler.state_dict`` writes."""
+    ok = (
+        isinstance(data.get("run_id"), str)
+        and isinstance(data.get("exported_steps", []), list)
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in data.get("exported_steps", []))
+        and isinstance(data.get("owned", []), list)
+        and all(isinstance(p, str) for p in data.get("owned", []))
+        and isinstance(data.get("pending", []), list)
+        and all(isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("path"), str) for r in data.get("pending", []))
+    )
+    if not ok:
+        raise ValueError(f"{STATE_NAME} does not have the expected fields (run_id, exported_steps, owned, pending)")
+
+
 class _BridgeHost:
     """The scheduler's view of one Megatron-Bridge run (the latest ``CallbackContext``)."""
 
@@ -287,7 +302,12 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         """A resumed run continues the run it resumed from: its identity, exported
         iterations and owned exports, from the state saved in the resumed checkpoint
         (module doc), else from the manifest of that checkpoint's export.  Collective."""
-        state = self._find_run_state(context, step) if self.scheduler.rank == 0 else None
+        state = None
+        if self.scheduler.rank == 0:
+            try:
+                state = self._find_run_state(context, step)
+            except Exception as e:  # a damaged state file must not stop training (nor hang the other ranks)
+                log.warning("hf_export: ignoring the export state saved in iteration %d's checkpoint: %s", step, e)
         state = self.scheduler.control.broadcast(state)
         if state is None:
             return
@@ -309,7 +329,12 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         dirs = [d for d in (getattr(ck, "load", None), getattr(ck, "save", None)) if d]
         for d in dirs:
             data = read_run_state(checkpoint_name(d, step))
-            if data is not None and data.get("run_id") and int(data.get("iteration", step)) == step:
+            if data is not None and data.get("run_id") and data.get("iteration", step) == step:
+                try:
+                    _check_run_state(data)
+                except ValueError as e:
+                    log.warning("hf_export: ignoring the export state saved in iteration %d's checkpoint %s: %s", step, checkpoint_name(d, step), e)
+                    continue
                 return ("state", data)
         path = self._target(context, step, str(checkpoint_name(ck.save, step)))
         m = read_manifest(path) or {}
