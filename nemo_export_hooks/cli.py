@@ -21,11 +21,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .publish import read_manifest, verify_export
 
     path = Path(args.dir)
-    problems = verify_export(path, load_config=args.load_config)
+    try:
+        problems = verify_export(path, load_config=args.load_config)
+    except (Exception, RecursionError) as e:  # any input ends in a one-line reason, never a traceback
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"FAILED: {path}: verify could not finish: {type(e).__name__}: {msg}")
+        return 1
     if problems:
         print(f"FAILED: {path}: {len(problems)} problem(s)")
         for p in problems:
-            print(f"  - {p}")
+            print(f"  - {p[:2000]}")
         return 1
     files = (read_manifest(path) or {}).get("files", {})
     nbytes = sum(int(info.get("bytes", 0)) for info in files.values())

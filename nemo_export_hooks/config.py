@@ -158,6 +158,10 @@ class ExportConfig:
         if unknown:
             raise ValueError(f"unknown hf_export option(s) {unknown}; known: {sorted(names)}")
         obj = data.get("tokenizer")
+        if not _has_omegaconf() or _is_opaque(obj):
+            # OmegaConf is bypassed (it cannot hold a tokenizer object): parse the boolean
+            # options the way it would, so "false" never passes as a truthy string
+            data = {k: (parse_bool(k, v) if k in BOOL_OPTIONS else v) for k, v in data.items()}
         if _has_omegaconf() and not _is_opaque(obj):
             # type-check through OmegaConf's structured config (same rules as Hydra)
             from omegaconf import OmegaConf
@@ -171,7 +175,11 @@ class ExportConfig:
     def problems(self) -> list[str]:
         """Every static problem of this config, as readable strings (empty: fine)."""
         p: list[str] = []
-        if not self.enabled:
+        for name in BOOL_OPTIONS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                p.append(f"{name} must be true or false, got {v!r} ({type(v).__name__})")
+        if p or not self.enabled:
             return p
         if not self.arch:
             p.append("arch is required (the Hugging Face model_type to write, e.g. 'qwen3_moe')")
@@ -278,6 +286,30 @@ _TOKENIZER_FILES = (
 def _size_value(v):
     s = str(v).strip()
     return int(s) if s.isdigit() else s
+
+
+BOOL_OPTIONS = ("enabled", "on_checkpoint_save", "at_train_end", "async_write", "update_latest", "fail_on_error", "log_metrics")
+_TRUE_WORDS = ("true", "yes", "y", "on", "1")
+_FALSE_WORDS = ("false", "no", "n", "off", "0")
+
+
+def parse_bool(name: str, value: Any) -> Any:
+    """``value`` of boolean option ``name`` as OmegaConf reads it (``"false"``, ``"no"``,
+    ``"off"``, ``"0"``, ``0`` are ``False``; ``"true"``, ``"yes"``, ``"on"``, ``"1"``, ``1`` are
+    ``True``); raise naming the option for any other string; other values are returned as
+    they are (:meth:`ExportConfig.problems` refuses a non-bool)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        w = value.strip().lower()
+        if w in _TRUE_WORDS:
+            return True
+        if w in _FALSE_WORDS:
+            return False
+        raise ValueError(f"hf_export.{name} must be true or false, got {value!r}")
+    return value
 
 
 def _tokenizer_saver(tok: Any):

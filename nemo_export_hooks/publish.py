@@ -258,11 +258,14 @@ def staging_in_use(path: PathLike) -> bool:
 
 
 # -- staging ------------------------------------------------------------------------------
-def make_staging_dir(final_dir: PathLike) -> Path:
+def make_staging_dir(final_dir: PathLike, create_parent: bool = True) -> Path:
     """Create and return a fresh hidden staging directory next to ``final_dir``.
 
     It is a sibling (``final_dir.parent / ".{name}.staging-{8 hex}"``) so the final rename
-    stays on one filesystem and is atomic.  The parent is created if needed.  The directory
+    stays on one filesystem and is atomic.  The parent is created if needed, unless
+    ``create_parent=False`` (an export inside a training checkpoint: a checkpoint directory
+    the checkpoint manager just deleted must not come back holding only the export; the
+    ``mkdir`` of the staging directory then fails atomically if the parent is gone).  The directory
     is locked by this process until :func:`publish` (or :func:`release_staging`), so that
     :func:`clean_stale_staging` in another run leaves it alone while it is being written.
     """
@@ -270,10 +273,16 @@ def make_staging_dir(final_dir: PathLike) -> Path:
     if not final_dir.name or final_dir.name in (".", ".."):
         raise ValueError(f"invalid export directory {str(final_dir)!r}: it needs a final name component")
     parent = final_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise type(e)(e.errno, f"cannot create export parent directory {parent}: {e.strerror}") from e
+    if create_parent:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot create export parent directory {parent}: {e.strerror}") from e
+    elif not os.path.isdir(parent):
+        raise FileNotFoundError(
+            f"export parent directory {parent} does not exist (a checkpoint directory deleted by its rotation?); "
+            "an export inside a checkpoint never creates it"
+        )
     if not parent.is_dir():
         raise NotADirectoryError(f"export parent {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -281,6 +290,8 @@ def make_staging_dir(final_dir: PathLike) -> Path:
     staging = parent / staging_name(final_dir.name)
     try:
         staging.mkdir()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(e.errno, f"cannot create staging directory {staging}: its parent {parent} is gone") from e
     except OSError as e:
         raise type(e)(e.errno, f"cannot create staging directory {staging}: {e.strerror}") from e
     _prune_locks()
@@ -411,8 +422,7 @@ def _writer_digest(path: Path) -> Optional[str]:
 def read_manifest(directory: PathLike) -> Optional[dict]:
     """The parsed manifest of ``directory``, or ``None`` if absent or unreadable."""
     try:
-        with open(Path(directory) / MANIFEST_NAME, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _read_json(Path(directory) / MANIFEST_NAME)  # a bounded regular file, never a FIFO
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -500,6 +510,84 @@ def publish(staging: PathLike, final_dir: PathLike, overwrite: bool = False) -> 
 
 
 # -- verify -------------------------------------------------------------------------------
+# Bounds for what verify reads, so that any input (a hostile or broken directory) costs
+# bounded time and memory and ends in a one-line reason.
+JSON_MAX_BYTES = 64 << 20  # tokenizer.json of a large vocabulary is tens of MB
+CONFIG_MAX_BYTES = 4 << 20  # config.json, generation_config.json: a few KB in practice
+JSON_MAX_DEPTH = 64
+TREE_MAX_DEPTH = 16  # an export is flat (a tokenizer may add a level or two)
+TREE_MAX_ENTRIES = 100_000
+
+
+class _BadJSON(ValueError):
+    """A JSON file verify will not (or cannot) read: its message is the one-line reason."""
+
+
+def _json_depth(obj) -> int:
+    """Nesting depth of a parsed JSON value, computed without recursion."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        depth = max(depth, d)
+        if depth > JSON_MAX_DEPTH:
+            return depth
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return depth
+
+
+def _read_json(fp: Path, max_bytes: int = JSON_MAX_BYTES):
+    """Parse ``fp``: a regular file (never a FIFO or device: opened non-blocking and checked
+    before reading) of at most ``max_bytes``, nested at most :data:`JSON_MAX_DEPTH` deep.
+    Raises :class:`_BadJSON` (or ``OSError``) with the reason."""
+    import stat
+
+    fd = os.open(fp, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _BadJSON("is not a regular file")
+        if st.st_size > max_bytes:
+            raise _BadJSON(f"is {st.st_size} bytes, more than the {max_bytes} bytes verify reads of it")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _BadJSON(f"grew beyond {max_bytes} bytes while read")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise _BadJSON(f"is not valid JSON: nested deeper than {JSON_MAX_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _BadJSON(f"is not valid JSON: {e}") from None
+    if _json_depth(obj) > JSON_MAX_DEPTH:
+        raise _BadJSON(f"is nested deeper than {JSON_MAX_DEPTH} levels")
+    return obj
+
+
+def _tree(path: Path) -> tuple[list[Path], Optional[str]]:
+    """Every entry under ``path`` (sorted; symlinks listed, not followed), walked without
+    recursion, and why the walk stopped early (too deep, too many entries), or ``None``."""
+    out: list[Path] = []
+    stack = [(path, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            return sorted(out), f"{d.relative_to(path).as_posix() or '.'} cannot be listed: {e.strerror or e}"
+        for e in entries:
+            p = Path(e.path)
+            out.append(p)
+            if len(out) > TREE_MAX_ENTRIES:
+                return sorted(out), f"it holds more than {TREE_MAX_ENTRIES} entries"
+            if e.is_dir(follow_symlinks=False):
+                if depth + 1 >= TREE_MAX_DEPTH:
+                    return sorted(out), f"{p.relative_to(path).as_posix()}/: directories nested deeper than {TREE_MAX_DEPTH} levels"
+                stack.append((p, depth + 1))
+    return sorted(out), None
+
+
 def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     """Check an export; return human-readable problems (an empty list means it is good).
 
@@ -518,13 +606,26 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     if not path.is_dir():
         return [f"{path} is not a directory"]
     problems: list[str] = []
+    tree, too_big = _tree(path)
+    if too_big is not None:
+        return [f"{path} is not an export: {too_big}"]
     # An export holds only regular files and directories: a symlink (a shard replaced by a
     # link to a file elsewhere) is content the manifest does not vouch for, and would change
-    # when its target does.  (``path`` itself may be a link, e.g. ``latest``.)
-    for p in sorted(path.rglob("*")):
+    # when its target does.  (``path`` itself may be a link, e.g. ``latest``.)  A FIFO, a
+    # socket or a device is never read.
+    import stat
+
+    for p in tree:
+        rel = p.relative_to(path).as_posix()
         if p.is_symlink():
-            rel = p.relative_to(path).as_posix()
             problems.append(f"{rel}: is a symlink (to {os.readlink(p)}); an export holds only regular files")
+            continue
+        try:
+            mode = p.lstat().st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            problems.append(f"{rel}: is not a regular file; an export holds only regular files")
 
     manifest = None
     mpath = path / MANIFEST_NAME
@@ -532,9 +633,11 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
         problems.append(f"{MANIFEST_NAME} is missing")
     else:
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            problems.append(f"{MANIFEST_NAME} is not valid JSON: {e}")
+            manifest = _read_json(mpath)
+        except _BadJSON as e:
+            problems.append(f"{MANIFEST_NAME} {e}")
+        except OSError as e:
+            problems.append(f"{MANIFEST_NAME} cannot be read: {e}")
         if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
             problems.append(f"{MANIFEST_NAME} has no 'files' table")
             manifest = None
@@ -563,7 +666,7 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
         if digest != info.get("sha256"):
             problems.append(f"{rel}: sha256 is {digest}, manifest says {info.get('sha256')}")
     if manifest is not None:
-        for p in sorted(path.rglob("*")):
+        for p in tree:
             rel = p.relative_to(path).as_posix()
             if rel in listed or rel == MANIFEST_NAME or p.is_dir() or any(s.startswith(".") for s in Path(rel).parts):
                 continue
@@ -579,28 +682,35 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
         if isinstance(manifest.get("total_bytes"), int) and manifest["total_bytes"] != total:
             problems.append(f"{MANIFEST_NAME} says {manifest['total_bytes']} tensor bytes, the shards hold {total}")
 
-    for p in sorted(path.glob("*.json")):
-        if p.name in (MANIFEST_NAME, INDEX_NAME, "config.json"):
+    for p in tree:
+        if p.parent != path or not p.name.endswith(".json") or p.name in (MANIFEST_NAME, INDEX_NAME, "config.json"):
             continue
+        if p.is_symlink():
+            continue  # reported above
         try:
-            json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            problems.append(f"{p.name} is not valid JSON: {e}")
+            _read_json(p, CONFIG_MAX_BYTES if p.name == "generation_config.json" else JSON_MAX_BYTES)
+        except _BadJSON as e:
+            problems.append(f"{p.name} {e}")
+        except OSError as e:
+            problems.append(f"{p.name} cannot be read: {e}")
     cpath = path / "config.json"
-    if not cpath.is_file():
+    if not os.path.lexists(cpath):
         problems.append("config.json is missing")
-    else:
+    elif not cpath.is_symlink():
+        cfg = None
         try:
-            cfg = json.loads(cpath.read_text(encoding="utf-8"))
-            if not isinstance(cfg, dict):
-                problems.append("config.json is not a JSON object")
-            elif load_config:
-                loaded = _load_config(path)
-                problems.extend(loaded)
-                if not loaded:
-                    problems.extend(_check_against_config(path, cfg))
-        except (OSError, ValueError) as e:
-            problems.append(f"config.json is not valid JSON: {e}")
+            cfg = _read_json(cpath, CONFIG_MAX_BYTES)
+        except _BadJSON as e:
+            problems.append(f"config.json {e}")
+        except OSError as e:
+            problems.append(f"config.json cannot be read: {e}")
+        if cfg is not None and not isinstance(cfg, dict):
+            problems.append("config.json is not a JSON object")
+        elif cfg is not None and load_config:
+            loaded = _load_config(path)
+            problems.extend(loaded)
+            if not loaded:
+                problems.extend(_check_against_config(path, cfg))
     return problems
 
 
@@ -651,20 +761,28 @@ def _check_against_config(path: Path, cfg: dict) -> list[str]:
         from .exporter.hf_config import config_problems, expected_hf_shapes
     except ImportError:
         return []
-    problems = config_problems(cfg)
+    try:
+        problems = config_problems(cfg)
+    except Exception as e:  # a value transformers' own config class chokes on
+        return [f"config.json cannot be checked: {type(e).__name__}: {e}"]
+    have: dict = {}
+    files = [path / "model.safetensors"] if not (path / INDEX_NAME).is_file() else sorted(path.glob("*.safetensors"))
+    for fp in files:
+        if fp.is_symlink() or not fp.is_file():
+            return problems  # reported above
+        try:
+            have.update(_shard_entries(fp))
+        except Exception:
+            return problems  # reported by the index check
+    claimed = _claimed_counts_problems(cfg, have)
+    if claimed:  # building the class from these counts could take minutes and gigabytes
+        return problems + claimed
     try:
         expected = expected_hf_shapes(cfg)
     except Exception as e:
         return problems + [f"config.json does not build a transformers model: {type(e).__name__}: {e}"]
     if expected is None:
         return problems
-    have: dict = {}
-    files = [path / "model.safetensors"] if not (path / INDEX_NAME).is_file() else sorted(path.glob("*.safetensors"))
-    for fp in files:
-        try:
-            have.update(_shard_entries(fp))
-        except Exception:
-            return problems  # reported by the index check
     cls = cfg["architectures"][0]
     base = {n: e for n, e in have.items() if not n.endswith(_QUANT_SUFFIXES)}
     missing = sorted(set(expected) - set(base))
@@ -682,6 +800,38 @@ def _check_against_config(path: Path, cfg: dict) -> list[str]:
     if wrong:
         problems.append(f"{len(wrong)} tensor shape(s) do not match {cls} built from config.json: " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
     return problems
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _claimed_counts_problems(cfg: dict, have: dict) -> list[str]:
+    """config.json's layer and expert counts against the shard headers, before the model
+    class is built from them: a count above what the shards hold would build a huge class
+    (``num_hidden_layers: 100000``: minutes, gigabytes) only to report the tensors missing."""
+    out = []
+    layers = {int(m.group(1)) for n in have for m in [_LAYER_RE.search(n)] if m}
+    experts = {int(m.group(1)) for n in have for m in [_EXPERT_RE.search(n)] if m}
+    for keys, found, what in ((_LAYER_COUNTS, layers, "layer"), (_EXPERT_COUNTS, experts, "expert")):
+        for k in keys:
+            v = cfg.get(k)
+            if not isinstance(v, int) or isinstance(v, bool):
+                continue
+            if what == "expert" and not found:
+                continue  # experts stored fused (one tensor for all): their shapes are checked
+            n = max(found) + 1 if found else 0
+            if v > n:
+                from .exporter.hf_config import short_repr
+
+                out.append(
+                    f"config.json says {k}={short_repr(v)}, the shards hold {n} {what}(s)"
+                    + (f" ({what} indices 0..{n - 1})" if n else "")
+                    + f": transformers would leave the other {what}s random (the model class was not built from it)"
+                )
+    return out
 
 
 def _shard_keys(fp: Path) -> set:
@@ -703,7 +853,7 @@ def _check_index(path: Path) -> tuple[list[str], Optional[tuple[int, int]]]:
             problems.append(f"no weights: neither {INDEX_NAME} nor model.safetensors exists")
         return problems, None
     try:
-        index = json.loads(ipath.read_text(encoding="utf-8"))
+        index = _read_json(ipath)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise ValueError("'weight_map' is not an object")
@@ -747,7 +897,10 @@ def _check_index(path: Path) -> tuple[list[str], Optional[tuple[int, int]]]:
 
 
 # -- latest pointer and retention ---------------------------------------------------------
-def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
+LATEST_LOCK_TIMEOUT_S = 60.0  # the longest update_latest waits for another process's lock
+
+
+def update_latest(parent: PathLike, final_dir: PathLike, lock_timeout_s: Optional[float] = None, on_wait=None) -> bool:
     """Point ``parent/latest`` (relative symlink) and ``parent/latest.txt`` at ``final_dir``,
     unless they already point at an export of a later step; return whether they moved.
 
@@ -755,7 +908,10 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
     manifests): two runs sharing a directory would otherwise fight over it, the last to
     publish winning even with an older step.  An export without a step, or a pointer whose
     target is gone or has no step, is replaced as before.  Updates are serialised across
-    processes by an ``flock`` on ``parent`` (where supported).  Both files are replaced
+    processes by an ``flock`` on ``parent`` (where supported): a wait for another process's
+    lock is logged, ``on_wait()`` is called when it starts, and it ends after
+    ``lock_timeout_s`` (default :data:`LATEST_LOCK_TIMEOUT_S`) with ``TimeoutError`` naming
+    the directory; the pointers are then left as they are.  Both files are replaced
     atomically (temporary + ``os.replace``), so readers see the old or the new target.
     ``latest.txt`` (the name plus a newline) serves filesystems without symlinks; if
     symlinks are unsupported only the text file is written.
@@ -768,7 +924,8 @@ def update_latest(parent: PathLike, final_dir: PathLike) -> bool:
     link = parent / LATEST_LINK
     if link.exists() and not link.is_symlink():
         raise FileExistsError(f"{link} exists and is not a symlink; refusing to replace it")
-    with _dir_lock(parent):
+    timeout = LATEST_LOCK_TIMEOUT_S if lock_timeout_s is None else float(lock_timeout_s)
+    with _dir_lock(parent, timeout, f"to point latest at {final_dir.name}", on_wait):
         current = _latest_target(parent)
         new_step, cur_step = _manifest_step(final_dir), _manifest_step(current) if current is not None else None
         if current is not None and current.name != final_dir.name and new_step is not None and cur_step is not None and cur_step > new_step:
@@ -817,26 +974,65 @@ def _manifest_step(directory: Path) -> Optional[int]:
 
 class _dir_lock:
     """``flock`` on a directory for the duration of a block (no lock file is created);
-    nothing is locked where the file system does not support it."""
+    nothing is locked where the file system does not support it.  A lock another process
+    holds is waited for, with a log line saying what for, at most ``timeout_s`` seconds
+    (``None``: without bound); then ``TimeoutError`` names the directory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, timeout_s: Optional[float] = None, what: str = "", on_wait=None):
         self.path, self.fd = path, None
+        self.timeout_s, self.what, self.on_wait = timeout_s, what, on_wait
 
     def __enter__(self):
         try:
             import fcntl
-
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        try:
             self.fd = os.open(self.path, _O_DIR)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            if self.fd is not None:
-                os.close(self.fd)
-            self.fd = None
+        except OSError:
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return self
+        except BlockingIOError:
+            pass
+        except OSError:  # locking unsupported here
+            self._close()
+            return self
+        bound = "without a bound" if self.timeout_s is None else f"at most {self.timeout_s:g} s"
+        log.info("waiting for the lock on %s %s: another process holds it (flock on the directory, taken to update latest); waiting %s", self.path, self.what, bound)
+        if self.on_wait is not None:
+            self.on_wait()
+        t0 = time.monotonic()
+        pause = 0.01
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._close()
+                return self
+            waited = time.monotonic() - t0
+            if self.timeout_s is not None and waited >= self.timeout_s:
+                self._close()
+                raise TimeoutError(
+                    f"gave up waiting for the lock on {self.path} {self.what} after {waited:.1f} s: another process "
+                    "holds it (flock on the directory, taken to update latest); latest was left as it was"
+                )
+            time.sleep(pause if self.timeout_s is None else min(pause, max(0.0, self.timeout_s - waited)))
+            pause = min(pause * 2, 0.5)
+        log.info("got the lock on %s after %.2f s", self.path, time.monotonic() - t0)
         return self
 
-    def __exit__(self, *exc):
+    def _close(self):
         if self.fd is not None:
             os.close(self.fd)  # releases the lock
+        self.fd = None
+
+    def __exit__(self, *exc):
+        self._close()
         return False
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from .config import ExportConfig
-from .targets import ExportRefusedError, check_target, remove_staging_of, same_lineage
+from .targets import ExportRefusedError, check_target, inside_its_checkpoint, remove_staging_of, same_lineage
 
 __all__ = ["ExportScheduler", "Host", "Request", "Job", "RunResults", "STATE_VERSION"]
 
@@ -86,6 +86,7 @@ class Job:
     result: Any = None
     error: Optional[BaseException] = None
     removed: list = field(default_factory=list)
+    phase: str = "still being written"  # what the background thread is doing (for messages)
 
 
 @dataclass
@@ -343,10 +344,11 @@ class ExportScheduler:
             return True
         self.skipped += 1
         log.warning(
-            "hf_export: skipped the export of step %d: the export of step %d is still being written "
+            "hf_export: skipped the export of step %d: the export of step %d is %s "
             "(on_busy=skip; set on_busy=wait to wait for it instead)",
             step,
             self.inflight.req.step,
+            self.inflight.phase,
         )
         self._metrics({"hf_export/skipped": float(self.skipped)})
         return False
@@ -445,6 +447,7 @@ class ExportScheduler:
                 t0=job.t0,
                 group=self.control.write,
                 log_level=logging.DEBUG,  # the scheduler logs its own line, with the step
+                create_parent=not inside_its_checkpoint(req.path, req.checkpoint, self.allow_inside),
             )
         except BaseException as e:  # noqa: BLE001 - reported on the training thread
             job.error = e
@@ -456,11 +459,18 @@ class ExportScheduler:
         if self.rank == 0:
             from .publish import apply_retention, update_latest
 
+            job.phase = f"published at {req.path} and is updating the latest pointer"
             if cfg.update_latest and not self.allow_inside:
+
+                def waiting() -> None:
+                    job.phase = (f"published at {req.path} and is waiting for the lock another process holds on "
+                                 f"{req.path.parent} to update the latest pointer there")
+
                 try:
-                    update_latest(req.path.parent, req.path)
+                    update_latest(req.path.parent, req.path, on_wait=waiting)
                 except Exception as e:  # the export itself is good
                     log.warning("hf_export: could not update the latest pointer in %s: %s", req.path.parent, e)
+            job.phase = f"published at {req.path} and is applying keep_last_k"
             if cfg.keep_last_k:
                 owned = [p for p in owned if p != str(req.path)] + [str(req.path)]
                 try:

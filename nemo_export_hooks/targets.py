@@ -27,6 +27,7 @@ __all__ = [
     "check_target",
     "remove_staging_of",
     "same_lineage",
+    "inside_its_checkpoint",
 ]
 
 
@@ -124,6 +125,11 @@ def check_target(path: Path, checkpoint: Optional[str], owned: list, run_id: Opt
     directory, a symlink) is refused."""
     path = Path(path)
     refuse_inside_checkpoint(path.parent, checkpoint, allow_inside=allow_inside)
+    if inside_its_checkpoint(path, checkpoint, allow_inside) and not os.path.isdir(path.parent):
+        raise ExportRefusedError(
+            f"refusing to write {path}: its checkpoint directory {path.parent} no longer exists (deleted by the "
+            "checkpoint rotation?); an export inside a checkpoint never re-creates it"
+        )
     if str(path) in owned or not os.path.lexists(path):
         return
     if run_id is not None and same_lineage(path, run_id):
@@ -138,6 +144,12 @@ def check_target(path: Path, checkpoint: Optional[str], owned: list, run_id: Opt
             "sharing hf_export.dirpath and filename, or someone else's file); choose another dirpath or "
             "filename, or remove it"
         )
+
+
+def inside_its_checkpoint(path: Path, checkpoint: Optional[str], allow_inside: bool) -> bool:
+    """``path`` is an export placed directly inside ``checkpoint`` (Megatron-Bridge's
+    ``iter_N/hf``): its parent must exist, never be created by the export."""
+    return bool(allow_inside and checkpoint is not None and "://" not in str(checkpoint) and Path(path).parent == Path(str(checkpoint)))
 
 
 def same_lineage(path: Path, run_id: str) -> bool:

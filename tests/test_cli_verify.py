@@ -93,7 +93,7 @@ def _rewrite_config(path, **changes):
         ({"tie_word_embeddings": False}, r"1 tensor\(s\) LlamaForCausalLM needs are in no shard \(transformers would leave them random\): \['lm_head.weight'\]"),
         ({"architectures": ["FooForCausalLM"]}, r"config.json does not build a transformers model: .*no model class 'FooForCausalLM'"),
         ({"rms_norm_eps": "abc"}, r"config.json rms_norm_eps='abc': must be a finite number, got str"),
-        ({"num_hidden_layers": 2}, r"LlamaForCausalLM needs are in no shard .*model.layers.1"),
+        ({"num_hidden_layers": 2}, r"config.json says num_hidden_layers=2, the shards hold 1 layer\(s\) \(layer indices 0..0\): transformers would leave the other layers random"),
     ],
 )
 def test_verify_refuses_config_that_does_not_fit_the_shards(export_dir, capsys, changes, message):
@@ -133,3 +133,102 @@ def test_verify_through_latest_link(export_dir, capsys):
     """The export directory itself may be reached through a link (``latest``)."""
     P.update_latest(export_dir.parent, export_dir)
     assert main(["verify", str(export_dir.parent / "latest")]) == 0
+
+
+# -- hostile input: bounded time and memory, a one-line reason, no traceback (issue 24, item 4)
+@pytest.fixture
+def alarm():
+    """A hang (a FIFO read, a huge model class) becomes a test failure, not a stuck suite."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("verify did not finish in 60 s")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _deep_json_in(d, name):
+    (d / name).write_text("[" * 200000 + "]" * 200000)
+
+
+def _dir_chain(d, name):
+    """1,500 nested ``d/``, built inside out with short paths (os.makedirs recurses, and
+    1,500 mkdirs of ever longer paths take seconds)."""
+    leaf = d.parent / "chain-0"
+    leaf.mkdir()
+    for i in range(1, 1500):
+        up = d.parent / f"chain-{i}"
+        up.mkdir()
+        leaf.rename(up / "d")
+        leaf = up
+    leaf.rename(d / "d")
+
+
+def _remove_chain(top):
+    """Remove a deep chain from the top, moving the rest up (pytest's cleanup recurses)."""
+    i = 0
+    while top.exists():
+        child, i = top / "d", i + 1
+        nxt = top.parent / f"rm-{i}"
+        if child.exists():
+            child.rename(nxt)
+        top.rmdir()
+        top = nxt
+
+
+def _fifo(d, name):
+    import os
+
+    os.mkfifo(d / name)
+
+
+def _huge_config(d, name):
+    with open(d / name, "wb") as f:  # sparse: costs no disk
+        f.truncate(512 << 20)
+
+
+HOSTILE = {
+    "deep_config": (_deep_json_in, "config.json", r"config.json is not valid JSON: nested deeper than 64 levels"),
+    "deep_manifest": (_deep_json_in, P.MANIFEST_NAME, r"export_manifest.json is not valid JSON: nested deeper than 64 levels"),
+    "deep_index": (_deep_json_in, P.INDEX_NAME, r"model.safetensors.index.json is not a valid index: .*nested deeper than 64 levels"),
+    "deep_generation_config": (_deep_json_in, "generation_config.json", r"generation_config.json is not valid JSON: nested deeper than 64 levels"),
+    "dir_chain_1500": (_dir_chain, "d", r"is not an export: d/d/d/.*directories nested deeper than 16 levels"),
+    "fifo_json": (_fifo, "extra.json", r"extra.json: is not a regular file"),
+    "config_512MB": (_huge_config, "config.json", r"config.json is 536870912 bytes, more than the 4194304 bytes verify reads of it"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_verify_hostile_input_gives_a_one_line_reason(export_dir, capsys, alarm, case):
+    make, name, message = HOSTILE[case]
+    make(export_dir, name)
+    try:
+        assert main(["verify", str(export_dir)]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith("FAILED:") and "Traceback" not in out
+        assert re.search(message, out), out[:2000]
+        assert all(len(line) < 2100 for line in out.splitlines())
+    finally:
+        if case == "dir_chain_1500":
+            _remove_chain(export_dir / "d")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        # claimed sizes are checked against the shard headers before a class is built from them
+        ({"num_hidden_layers": 100000}, r"config.json says num_hidden_layers=100000, the shards hold 1 layer\(s\)"),
+        ({"rope_theta": 10**400}, r"rope_theta=1000000.*\(401 characters\)"),
+    ],
+    ids=["layers_100000", "rope_theta_1e400"],
+)
+def test_verify_hostile_config_values(export_dir, capsys, alarm, changes, message):
+    _rewrite_config(export_dir, **changes)
+    assert main(["verify", str(export_dir)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED:") and "Traceback" not in out
+    assert re.search(message, out), out[:2000]

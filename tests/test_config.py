@@ -176,3 +176,29 @@ def test_symlinked_dirpath_is_followed_and_logged_once(tmp_path, caplog):
         ExportConfig(arch="qwen3_moe", dirpath=str(real)).validate()  # no symlink: nothing said
     notes = [r.getMessage() for r in caplog.records if "symlink" in r.getMessage()]
     assert notes == [f"hf_export: dirpath {d} goes through the symlink {tmp_path / 'link'} -> {real}; exports are written in {real / 'exports'}"]
+
+
+class _Tok:
+    def save_pretrained(self, d):
+        pass
+
+
+@pytest.mark.parametrize("key,word,want", [("enabled", "false", False), ("fail_on_error", "false", False), ("update_latest", "no", False), ("async_write", "On", True)])
+def test_string_booleans_are_parsed_on_every_path(key, word, want):
+    """A tokenizer object keeps the config out of OmegaConf; its booleans are still parsed
+    (issue 24, item 6): "false" is False, never a truthy string."""
+    c = ExportConfig.from_any(arch="qwen3_moe", tokenizer=_Tok(), **{key: word})
+    assert getattr(c, key) is want
+    from nemo_export_hooks.integrations.lightning import HFExportCallback
+    from nemo_export_hooks.integrations.megatron_bridge import HFExportBridgeCallback
+
+    for cls in (HFExportCallback, HFExportBridgeCallback):
+        assert getattr(cls(arch="qwen3_moe", tokenizer=_Tok(), **{key: word}).config, key) is want
+
+
+@pytest.mark.parametrize("key", ["enabled", "fail_on_error", "update_latest"])
+def test_non_boolean_values_are_refused_naming_the_key(key):
+    with pytest.raises(ValueError, match=f"{key} must be true or false, got 'false'"):
+        ExportConfig(arch="qwen3_moe", **{key: "false"}).validate()
+    with pytest.raises(ValueError, match=f"hf_export.{key} must be true or false, got 'maybe'"):
+        ExportConfig.from_any(arch="qwen3_moe", tokenizer=_Tok(), **{key: "maybe"})

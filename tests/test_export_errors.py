@@ -150,6 +150,9 @@ def test_unmapped_parameters_are_named_in_a_warning(mcore, tmp_path):
         ({"num_experts_per_tok": 3}, r"num_experts_per_tok=3 contradicts the model, whose value is 2"),
         ({"rms_norm_eps": "abc"}, r"rms_norm_eps='abc': must be a finite number, got str \(the model's value is 1e-06\)"),
         ({"num_hidden_layers": 0}, r"num_hidden_layers=0 must be positive"),
+        # an int beyond a float's range (issue 24, item 5): named, not an OverflowError
+        ({"rope_theta": 10**400}, r"rope_theta=1000000.*\(401 characters\): must be a finite number, got int"),
+        ({"rope_theta": float("inf")}, r"rope_theta=inf: must be a finite number"),
     ],
 )
 def test_contradicting_overrides_refused_before_writing(mcore, tmp_path, overrides, message):
@@ -253,3 +256,24 @@ def test_qwen2_head_dim_must_be_derivable(mcore, tmp_path):
         export_to_hf(model, tmp_path / "out", arch="qwen2")
     _nothing_written(tmp_path)
     export_to_hf(build_gpt(TinySpec(num_experts=None, qk_layernorm=False, add_qkv_bias=True)), tmp_path / "ok", arch="qwen2")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_index_disk_full_names_the_file(tmp_path, monkeypatch):
+    """The index's temporary file on a full disk (issue 24, item 7): the error names the
+    index, and no temporary file is left."""
+    import errno
+    import uuid
+
+    from safetensors.torch import save_file
+
+    from nemo_export_hooks.exporter import writer as W
+
+    token = uuid.UUID("0" * 32)
+    monkeypatch.setattr(W.uuid, "uuid4", lambda: token)
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "rank00000-0.safetensors"))
+    (tmp_path / f".{W.INDEX_NAME}.tmp-{token.hex[:8]}").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / W.INDEX_NAME}: No space left on device") as ei:
+        W.finalize_shards(tmp_path, {"a": "rank00000-0.safetensors"})
+    assert ei.value.errno == errno.ENOSPC
+    assert not any(p.name.startswith(f".{W.INDEX_NAME}.tmp") for p in tmp_path.iterdir())

@@ -366,3 +366,41 @@ def test_apply_retention_keep_all(tmp_path, k):
     owned = [make_export(tmp_path / f"hf-{i}", seed=i) for i in range(3)]
     assert P.apply_retention(owned, keep_last_k=k) == []
     assert all(p.exists() for p in owned)
+
+
+class _HeldLock:
+    """``flock`` on a directory, held by this test as another process would (a second open
+    file description conflicts like another process)."""
+
+    def __init__(self, d: Path):
+        import fcntl
+
+        self.fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def test_latest_lock_wait_is_logged_bounded_and_named(tmp_path, caplog):
+    """Issue 24, item 8: another process holds the lock: a log line says what is waited for,
+    the wait ends after its bound with an error naming the directory, latest is unchanged."""
+    import logging
+
+    a = make_export(tmp_path / "hf-step100")
+    P.update_latest(tmp_path, a)
+    b = make_export(tmp_path / "hf-step200")
+    lock = _HeldLock(tmp_path)
+    waited = []
+    try:
+        with caplog.at_level(logging.INFO, logger="nemo_export_hooks"):
+            with pytest.raises(TimeoutError, match=rf"gave up waiting for the lock on {tmp_path} to point latest at hf-step200 after 0\.\d s: another process holds it"):
+                P.update_latest(tmp_path, b, lock_timeout_s=0.2, on_wait=lambda: waited.append(1))
+    finally:
+        lock.release()
+    assert waited == [1]
+    assert f"waiting for the lock on {tmp_path} to point latest at hf-step200: another process holds it" in caplog.text
+    assert os.readlink(tmp_path / "latest") == "hf-step100"
+    assert P.update_latest(tmp_path, b) and os.readlink(tmp_path / "latest") == "hf-step200"  # free again

@@ -372,13 +372,16 @@ def write_prepared(
     writers: Optional[int] = None,
     name_check: Optional["NameCheck"] = None,
     prepare_s: Optional[float] = None,
+    create_parent: bool = True,
 ) -> ExportResult:
     """Stream ``tensors`` into shards, commit on rank 0 and publish ``out_dir``.  Collective
     over ``group`` (default: the world); a background writer passes a group of its own.
     ``tensors`` may be a generator that gathers (sync) or a host snapshot (async; released
     once written).  ``writers``: parallel part files (and threads) per rank; default
     :func:`default_writers`.  ``name_check``: a :class:`NameCheck` running beside the
-    write (world group only); its problem raises ``ValueError`` before publishing."""
+    write (world group only); its problem raises ``ValueError`` before publishing.
+    ``create_parent=False``: ``out_dir``'s parent must exist (an export inside a checkpoint
+    never re-creates a checkpoint directory that was rotated away)."""
     from ..publish import make_staging_dir, publish, write_manifest
     from .writer import STREAM_INFLIGHT_BYTES, ShardWriter, default_writers, final_shard_names, finalize_shards, parse_size
 
@@ -394,7 +397,7 @@ def write_prepared(
     if rank0:
         try:
             _check_out_dir(out_dir, overwrite)
-            staging = make_staging_dir(out_dir)
+            staging = make_staging_dir(out_dir, create_parent=create_parent)
         except Exception as e:  # raised on every rank below
             err = f"{type(e).__name__}: {e}"
     staging, err = parallel.broadcast_object((str(staging) if staging else None, err), group=group)

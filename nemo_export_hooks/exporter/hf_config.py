@@ -65,7 +65,7 @@ def check_overrides(generated: dict, overrides: Optional[Mapping]) -> None:
         if k in generated:
             p = value_type_problem(k, v, model_v)
             if p:
-                problems.append(f"{k}={v!r}: {p} (the model's value is {model_v!r})")
+                problems.append(f"{k}={short_repr(v)}: {p} (the model's value is {model_v!r})")
                 continue
         if k in MODEL_DETERMINED and k in generated and v != model_v:
             problems.append(f"{k}={v!r} contradicts the model, whose value is {model_v!r}")
@@ -106,7 +106,7 @@ def value_type_problem(key: str, value, reference) -> Optional[str]:
         ok = isinstance(value, int) and not isinstance(value, bool)
         want = "an int"
     elif isinstance(reference, (int, float)):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
         want = "a finite number"
     elif isinstance(reference, str):
         ok, want = isinstance(value, str), "a string"
@@ -117,6 +117,20 @@ def value_type_problem(key: str, value, reference) -> Optional[str]:
     else:
         return None
     return None if ok else f"must be {want}, got {type(value).__name__}"
+
+
+def _finite(value) -> bool:
+    """A number a float can hold (an int beyond 1.8e308 cannot: ``math.isfinite`` raises)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 400-digit int stays readable)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
 
 
 def _is_count(key: str) -> bool:
@@ -223,7 +237,7 @@ def config_problems(cfg: dict) -> list[str]:
         if k in defaults and not skip:
             p = value_type_problem(k, v, defaults[k])
             if p:
-                problems.append(f"config.json {k}={v!r}: {p}")
+                problems.append(f"config.json {k}={short_repr(v)}: {p}")
     problems += [f"config.json {p}" for p in range_problems(cfg)]
     return problems
 

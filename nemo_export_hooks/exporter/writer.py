@@ -721,10 +721,17 @@ def finalize_shards(
         "weight_map": {key: rename[key_to_part[key]] for key in sorted(key_to_part)},
     }
     tmp = directory / f".{INDEX_NAME}.tmp-{token}"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / INDEX_NAME)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / INDEX_NAME)
+    except OSError as e:  # a bare ENOSPC names no file: name the index
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OSError(e.errno, f"cannot write {directory / INDEX_NAME}: {e.strerror or e}") from e
     _fsync_path(directory, directory=True)
     return index

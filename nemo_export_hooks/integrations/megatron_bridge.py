@@ -33,8 +33,24 @@ is incremented; the checkpoint of iteration N is saved after the increment, with
 
 The iteration a finalize belongs to is read (rank 0, then broadcast) from Bridge's tracker
 ``<save>/latest_checkpointed_iteration.txt``, which Bridge writes before firing the event.
-After a restart (``train_state.step > 0``) the run lineage (``run_id``) is taken from the
-manifest of the resumed checkpoint's export, and that step counts as exported.
+
+The run's identity lives where Bridge keeps the run's state: at every ``on_checkpoint_save``
+of iteration N, rank 0 writes ``iter_NNNNNNN/hf_export_state.json`` (:data:`STATE_NAME`: the
+``run_id``, the iterations exported so far, the exports this run owns, the export of N if it
+is still being written) into that checkpoint.  Bridge has no per-callback state in its
+checkpoint (``CallbackContext.user_state`` is not saved), and the file is deleted with the
+checkpoint by Bridge's rotation.  After a restart (``train_state.step == K > 0``) that file
+of ``iter_K`` (under ``checkpoint.load``, else ``checkpoint.save``) gives the run back its
+identity, whatever exports exist (retention may have deleted the export of K, or it was
+skipped or failed: then it is redone from the restored weights); a checkpoint written before
+this file existed falls back to the manifest of ``iter_K``'s export.
+
+An export inside ``iter_N/`` never holds other weights than ``iter_N``'s checkpoint: when
+iteration N is saved again (a resume from an older iteration re-saves the iterations of the
+discarded future; Bridge overwrites ``iter_N``), an ``iter_N/hf`` left by the earlier save
+is removed before the new one is written, whether or not the new export succeeds.  No export
+ever creates ``iter_N/`` itself: one whose checkpoint directory is gone (rotated away) is
+refused.
 """
 
 from __future__ import annotations
@@ -42,6 +58,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any, Optional
+
+import json
 
 from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
 from ..scheduler import ExportScheduler, Request, RunResults
@@ -55,11 +73,13 @@ except Exception:  # pragma: no cover - exercised on CPU, where Bridge does not 
         """Stand-in base: the events are plain methods taking a ``CallbackContext``."""
 
 
-__all__ = ["HFExportBridgeCallback", "bridge_callbacks", "checkpoint_name", "read_tracker", "TRACKER_NAME"]
+__all__ = ["HFExportBridgeCallback", "bridge_callbacks", "checkpoint_name", "read_tracker", "read_run_state", "TRACKER_NAME", "STATE_NAME"]
 
 log = logging.getLogger("nemo_export_hooks")
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
+STATE_NAME = "hf_export_state.json"  # the callback's state, inside each iteration's checkpoint
+_STATE_MAX_BYTES = 16 << 20
 
 
 def checkpoint_name(save_dir: str | Path, iteration: int) -> Path:
@@ -74,6 +94,37 @@ def read_tracker(save_dir: str | Path) -> Optional[int]:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def read_run_state(checkpoint_dir: str | Path) -> Optional[dict]:
+    """The callback state saved in a Bridge checkpoint directory (:data:`STATE_NAME`), or
+    ``None`` (absent, unreadable, not a bounded regular file, not an object)."""
+    import stat
+
+    p = Path(checkpoint_dir) / STATE_NAME
+    try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _STATE_MAX_BYTES:
+            return None
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_run_state(data: dict) -> None:
+    """Raise ``ValueError`` unless ``data`` has the shape ``ExportScheduler.state_dict`` writes."""
+    ok = (
+        isinstance(data.get("run_id"), str)
+        and isinstance(data.get("exported_steps", []), list)
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in data.get("exported_steps", []))
+        and isinstance(data.get("owned", []), list)
+        and all(isinstance(p, str) for p in data.get("owned", []))
+        and isinstance(data.get("pending", []), list)
+        and all(isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("path"), str) for r in data.get("pending", []))
+    )
+    if not ok:
+        raise ValueError(f"{STATE_NAME} does not have the expected fields (run_id, exported_steps, owned, pending)")
 
 
 class _BridgeHost:
@@ -120,7 +171,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             overrides["tokenizer"] = tokenizer
         self.config = ExportConfig.from_any(config, **overrides).validate()
         self._host = _BridgeHost()
-        self.scheduler = ExportScheduler(self.config, self._host, allow_inside=self._placement() == "inside")
+        self.scheduler = ExportScheduler(self.config, self._host, allow_inside=self._inside())
 
 
     # -- events ---------------------------------------------------------------------------
@@ -140,12 +191,13 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             check_writable(d)
         self._set_tokenizer(context)
         step = int(context.state.train_state.step)
-        if step > 0 and self.scheduler.run_id is None and save:
-            self._adopt_lineage(context, step)
+        adopt = step > 0 and self.scheduler.run_id is None and bool(save)
         self.scheduler.start_up()
+        if adopt:
+            self._adopt_lineage(context, step)
         self.scheduler.validate_model(list(context.model))
-        if self.scheduler.rank == 0 and save:
-            self._clean_stale_staging(Path(save))
+        if self.scheduler.rank == 0:
+            self._clean_stale_staging(Path(save) if save else None, Path(cfg.dirpath).expanduser() if cfg.dirpath is not None else None)
         self.scheduler.train_starts_at(step, lambda rec: Path(rec["path"]))
 
     def on_train_step_start(self, context) -> None:
@@ -155,6 +207,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         k = int(context.state.train_state.step)
         ck = context.state.cfg.checkpoint
         if self._saved_async_at(ck, k) and self.config.on_checkpoint_save:
+            self._drop_stale_inside(context, k)  # iter_k was just saved again: an older iter_k/hf is stale
             self.scheduler.hold_snapshot(k)  # weights of iteration k, before step k+1 changes them
         self.scheduler.take_due(k, 0, lambda: self._target(context, k, None))
 
@@ -174,8 +227,10 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         n = self.scheduler.control.broadcast(read_tracker(save) if self.scheduler.rank == 0 else None)
         n = live if n is None else int(n)
         ckpt = str(checkpoint_name(save, n))
+        self._drop_stale_inside(context, n)
         held = self.scheduler.take_held(n) if n != live else None
         req = self.scheduler.checkpoint_starting(n, 0, lambda: self._target(context, n, ckpt), ckpt, must=held is not None)
+        self._save_run_state(Path(ckpt), n)
         if req is None:
             return
         if n != live and held is None:
@@ -213,6 +268,10 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         p = self.config.placement
         return "inside" if p == "auto" else p
 
+    def _inside(self) -> bool:
+        """Checkpoint exports go inside the checkpoint (``iter_N/hf``): ``dirpath`` overrides it."""
+        return self._placement() == "inside" and self.config.dirpath is None
+
     def _target(self, context, step: int, checkpoint: Optional[str]) -> Path:
         cfg = self.config
         save = context.state.cfg.checkpoint.save
@@ -240,17 +299,100 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         return dirs
 
     def _adopt_lineage(self, context, step: int) -> None:
-        """A resumed run continues the lineage of the checkpoint it resumed from."""
+        """A resumed run continues the run it resumed from: its identity, exported
+        iterations and owned exports, from the state saved in the resumed checkpoint
+        (module doc), else from the manifest of that checkpoint's export.  Collective."""
+        state = None
+        if self.scheduler.rank == 0:
+            try:
+                state = self._find_run_state(context, step)
+            except Exception as e:  # a damaged state file must not stop training (nor hang the other ranks)
+                log.warning("hf_export: ignoring the export state saved in iteration %d's checkpoint: %s", step, e)
+        state = self.scheduler.control.broadcast(state)
+        if state is None:
+            return
+        kind, data = state
+        if kind == "state":
+            self.scheduler.load_state_dict(data)
+            log.info("hf_export: resumed at iteration %d: continuing run %s (its state in the checkpoint: exported %s)",
+                     step, self.scheduler.run_id, sorted(self.scheduler.done_steps))
+        else:
+            self.scheduler.run_id = data["run_id"]
+            self.scheduler.done_steps.add(step)
+            self.scheduler.owned.append(data["path"])
+            log.info("hf_export: resumed at iteration %d: its export %s exists; continuing run %s", step, data["path"], data["run_id"])
+
+    def _find_run_state(self, context, step: int) -> Optional[tuple]:
         from ..publish import read_manifest
 
-        save = context.state.cfg.checkpoint.save
-        path = self._target(context, step, str(checkpoint_name(save, step)))
+        ck = context.state.cfg.checkpoint
+        dirs = [d for d in (getattr(ck, "load", None), getattr(ck, "save", None)) if d]
+        for d in dirs:
+            data = read_run_state(checkpoint_name(d, step))
+            if data is not None and data.get("run_id") and data.get("iteration", step) == step:
+                try:
+                    _check_run_state(data)
+                except ValueError as e:
+                    log.warning("hf_export: ignoring the export state saved in iteration %d's checkpoint %s: %s", step, checkpoint_name(d, step), e)
+                    continue
+                return ("state", data)
+        path = self._target(context, step, str(checkpoint_name(ck.save, step)))
         m = read_manifest(path) or {}
         if (m.get("producer") or {}).get("name") == "nemo-export-hooks" and m.get("step") == step and m.get("run_id"):
-            self.scheduler.run_id = str(m["run_id"])
-            self.scheduler.done_steps.add(step)
-            self.scheduler.owned.append(str(path))
-            log.info("hf_export: resumed at iteration %d: its export %s exists; continuing run %s", step, path, m["run_id"])
+            return ("manifest", {"run_id": str(m["run_id"]), "path": str(path)})
+        return None
+
+    def _save_run_state(self, ckpt: Path, n: int) -> None:
+        """Rank 0: the run's state as of iteration ``n`` into its checkpoint (module doc).
+        Only what iteration ``n`` had: with async saves the live run may be further on."""
+        sch = self.scheduler
+        if sch.rank != 0:
+            return
+        st = sch.state_dict()
+        step_of = {e["path"]: e["step"] for e in sch.exports}
+        st["exported_steps"] = [s for s in st["exported_steps"] if s <= n]
+        st["owned"] = [p for p in st["owned"] if step_of.get(p, n) <= n]
+        st["pending"] = [r for r in st["pending"] if int(r["step"]) <= n]
+        st["iteration"] = n
+        if not ckpt.is_dir():  # rotated away already: never re-create a checkpoint directory
+            log.warning("hf_export: could not save the export state of iteration %d: %s no longer exists", n, ckpt)
+            return
+        from ..publish import _atomic_write_text
+
+        try:
+            _atomic_write_text(ckpt / STATE_NAME, json.dumps(st, indent=1, sort_keys=True) + "\n")
+        except OSError as e:
+            log.warning("hf_export: could not save the export state of iteration %d in its checkpoint: %s", n, e)
+
+    def _drop_stale_inside(self, context, n: int) -> None:
+        """Rank 0: iteration ``n`` is being saved (again): an export of ours already inside
+        ``iter_n/`` was made from an earlier save of ``n`` (a discarded run's weights), so it
+        is removed before anything else (the new export, if it succeeds, takes its place)."""
+        from ..publish import _remove_tree, is_our_export
+
+        sch = self.scheduler
+        if sch.rank != 0 or not self._inside() or n in sch.done_steps:
+            return
+        job = sch.inflight
+        if job is not None and job.req.step == n:
+            return
+        save = context.state.cfg.checkpoint.save
+        try:
+            path = self._target(context, n, str(checkpoint_name(save, n)))
+        except Exception:
+            return  # reported by the export itself
+        if not path.is_dir() or path.is_symlink():
+            return
+        if not is_our_export(path):
+            log.warning("hf_export: %s is not an export of ours; it was left alone, although iteration %d was saved again", path, n)
+            return
+        try:
+            _remove_tree(path)
+        except OSError as e:
+            log.warning("hf_export: could not remove %s, made from an earlier save of iteration %d: %s", path, n, e)
+            return
+        sch.owned = [p for p in sch.owned if p != str(path)]
+        log.info("hf_export: removed %s: it held the weights of an earlier save of iteration %d (a discarded run), not of the checkpoint saved now", path, n)
 
     def _set_tokenizer(self, context) -> None:
         tok = self.config.tokenizer
@@ -267,12 +409,14 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             self.scheduler.tokenizer = tok
 
     @staticmethod
-    def _clean_stale_staging(save: Path) -> None:
+    def _clean_stale_staging(save: Optional[Path], dirpath: Optional[Path] = None) -> None:
         from ..publish import clean_stale_staging
 
-        if not save.is_dir():
-            return
-        dirs = [save, save / HF_SUBDIR] + sorted(p for p in save.glob("iter_*") if p.is_dir())
+        dirs = []
+        if save is not None and save.is_dir():
+            dirs += [save, save / HF_SUBDIR] + sorted(p for p in save.glob("iter_*") if p.is_dir())
+        if dirpath is not None:
+            dirs.append(dirpath)
         for d in dirs:
             if d.is_dir():
                 for p in clean_stale_staging(d):

@@ -19,7 +19,11 @@ depends on (``megatron/bridge/training/train.py`` and ``checkpointing.py``, 0.6-
   finalize of every async save, then ``on_train_end``.
 
 ``unpredicted_saves`` adds saves at the top of chosen iterations, outside the interval, the
-way Bridge's batch-size ramp-up save comes.
+way Bridge's batch-size ramp-up save comes.  ``kill_at`` ends the run at the top of that
+iteration the way a SIGKILL would: no final save, no finalize of pending async saves, no
+``on_train_end`` (the test then drains the callback's writer thread).  Saving an iteration
+again (a resume from an older iteration) overwrites ``iter_NNNNNNN/``'s weights in place and
+leaves whatever else is in it, the worst case for an export kept inside it.
 """
 
 from __future__ import annotations
@@ -84,12 +88,15 @@ class BridgeRun:
     reached when its ``on_checkpoint_save`` fired (``N`` for synchronous saves)."""
 
     def __init__(self, model, callbacks: list, ckpt: CheckpointConfig, train_iters: int, start_step: int = 0,
-                 finalize_after: int = 2, unpredicted_saves: tuple = (), batch: int = 2, seq: int = 16, seed: int = 0):
+                 finalize_after: int = 2, unpredicted_saves: tuple = (), batch: int = 2, seq: int = 16, seed: int = 0,
+                 kill_at: Optional[int] = None):
         self.model = model
         self.callbacks = callbacks
         self.state = GlobalState(ConfigContainer(ckpt, TrainConfig(train_iters)), TrainState(step=start_step))
         self.finalize_after = finalize_after
         self.unpredicted = set(unpredicted_saves)
+        self.kill_at = kill_at
+        self.killed = False
         self.user_state: dict = {}
         self.opt = torch.optim.SGD(model.parameters(), lr=0.05)
         self.pending: list[tuple[int, int]] = []  # (save iteration, finalize at iteration)
@@ -151,6 +158,9 @@ class BridgeRun:
         ts, ck = self.state.train_state, self.state.cfg.checkpoint
         self._fire("on_train_start")
         while ts.step < self.state.cfg.train.train_iters:
+            if self.kill_at is not None and ts.step == self.kill_at:
+                self.killed = True  # a SIGKILL: nothing else happens
+                return self
             self._finalize_ready(blocking=False)
             if ts.step in self.unpredicted and ck.save:
                 self._save(ts.step)
