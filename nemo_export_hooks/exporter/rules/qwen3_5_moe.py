@@ -16,7 +16,11 @@ checks and table) with two differences, read from transformers 5.23
   (-> ``beta``), ``in_proj_a`` (the decay); Megatron's ``in_proj`` is ``[q | k | v | z | beta |
   alpha]`` -- a split into contiguous runs (per-rank parts re-ordered first under TP);
 * every layer is an MoE layer (``Qwen3_5MoeDecoderLayer`` has no dense MLP): a model with dense
-  layers is refused.
+  layers is refused;
+* the router (``Qwen3_5MoeTopKRouter``) always renormalises the top-k probabilities and reads
+  no ``norm_topk_prob`` (Qwen3-Next's router does): Megatron's default top-k-then-softmax is
+  exactly that, but ``moe_router_pre_softmax=True`` (softmax over all experts, top-k kept
+  unnormalised) is not expressible and is refused by name.
 
 Rotary embeddings are multimodal (``mrope_section``) in HF, but a text-only sequence has the same
 position in all three sections, which is plain (partial) rope -- what Megatron computes.
@@ -81,6 +85,11 @@ def _check(info: ModelInfo) -> None:
         not dense,
         f"{MODEL_TYPE} has an MoE block in every layer (no dense MLP layers); the model's layers {dense} of "
         f"{info.num_layers} are dense",
+    )
+    require(
+        not getattr(info.config, "moe_router_pre_softmax", False),
+        f"{MODEL_TYPE}'s router (Qwen3_5MoeTopKRouter) always renormalises the top-k probabilities; the model has "
+        "moe_router_pre_softmax=True (unnormalised top-k of a softmax over all experts), which it cannot express",
     )
 
 
