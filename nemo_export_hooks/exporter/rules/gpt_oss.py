@@ -43,6 +43,7 @@ import math
 
 from .. import mappings as mk
 from . import rule
+from .. import semantics as sem
 from ..windows import hf_windows
 from .base import QKV, ArchRule, Entry, ModelInfo, R, hf_config, require
 
@@ -240,6 +241,23 @@ def _config(info: ModelInfo) -> dict:
     )
 
 
+SEMANTICS = {
+    **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    "ffn_hidden_size": sem.required(why="unused: every layer is MoE (checked)", ok=lambda v: True),
+    "layernorm_epsilon": sem.mapped("rms_norm_eps", why="1e-5 only (vLLM), checked"),
+    "activation_func": sem.BY_CHECK,  # quick_gelu, hard-wired in HF
+    "glu_linear_offset": sem.BY_CHECK,
+    "activation_func_clamp_value": sem.BY_CHECK,
+    "layernorm_zero_centered_gamma": sem.BY_CHECK,
+    "softmax_type": sem.BY_CHECK,  # learnable sinks -> self_attn.sinks
+    "softmax_scale": sem.BY_CHECK,
+    "rotary_interleaved": sem.BY_CHECK,
+    "window_size": sem.mapped("sliding_window", "layer_types"),
+    "window_attn_skip_freq": sem.mapped("layer_types", why="per Megatron attention layer, mapped to HF layers"),
+    "moe_layer_freq": sem.BY_CHECK,  # MoE in every layer
+    "moe_router_pre_softmax": sem.BY_CHECK,
+}
+
 GPT_OSS = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="GptOssForCausalLM",
@@ -248,5 +266,6 @@ GPT_OSS = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=SEMANTICS,
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.router"),
 ))

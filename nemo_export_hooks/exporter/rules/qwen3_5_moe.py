@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 
 from .. import mappings as mk
+from .. import semantics as sem
 from . import rule
 from .base import SWIGLU_EXPERTS, ArchRule, Entry, ModelInfo, require
-from .qwen3_next import GDN, LAYER as NEXT_LAYER, PLAIN_TO_ZERO_CENTRED, check_family, family_config, gdn_dims
+from .qwen3_next import FAMILY_SEMANTICS, GDN, LAYER as NEXT_LAYER, PLAIN_TO_ZERO_CENTRED, check_family, family_config, gdn_dims
 
 MODEL_TYPE = "qwen3_5_moe_text"
 
@@ -99,6 +100,14 @@ def _config(info: ModelInfo) -> dict:
     return cfg
 
 
+SEMANTICS = {
+    **FAMILY_SEMANTICS,
+    "ffn_hidden_size": sem.mapped("moe_intermediate_size", why="every layer is MoE (checked); no dense width"),
+    "moe_layer_freq": sem.BY_CHECK,  # MoE in every layer
+    "moe_router_pre_softmax": sem.BY_CHECK,  # Qwen3_5MoeTopKRouter always renormalises: refused
+}
+
+
 QWEN3_5_MOE = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="Qwen3_5MoeForCausalLM",
@@ -107,6 +116,7 @@ QWEN3_5_MOE = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=SEMANTICS,
     final_norm_transform=PLAIN_TO_ZERO_CENTRED,
     hybrid_mixers=("*", "G"),
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate", "*.mlp.shared_expert_gate", "*.linear_attn.conv1d"),
