@@ -149,6 +149,22 @@ BY_CHECK = required()  # the rule's check function enforces the supported values
 
 
 # -- shared declarations, composed by rules (like the layer tables in rules/base.py) -----------
+# Options most HF classes have no key for: refused by name with the reason (a rule that does
+# express one overrides the entry, e.g. gpt_oss's windows and sinks).
+REFUSED_COMMON = {
+    "window_size": refused("this HF arch attends to every earlier token in every layer (no sliding window is written)"),
+    # read by megatron-core only together with window_size (refused above when set)
+    "window_attn_skip_freq": required(ok=lambda v: True, why="inert without window_size"),
+    "softmax_type": refused("this HF arch's attention softmax has no sink (softmax_type='vanilla' only)"),
+    "apply_residual_connection_post_layernorm": refused("HF adds each layer's input, before its norm, to the residual"),
+}
+# The Llama-family classes (llama, qwen2, qwen3, qwen3_moe, mixtral) in addition.
+REFUSED_LLAMA = {
+    **REFUSED_COMMON,
+    "rotary_interleaved": refused("HF rotates halves (rotate_half), not interleaved pairs"),
+    "layernorm_zero_centered_gamma": refused("HF norms compute x_hat * w; this arch's export does not add 1"),
+}
+
 # The transformer shape every rule writes through base.HF_KEYS.
 SHAPES = {
     "num_layers": mapped("num_hidden_layers"),

@@ -207,7 +207,7 @@ def _config(info: ModelInfo) -> dict:
 
 
 SEMANTICS = {
-    **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
     "num_query_groups": sem.BY_CHECK,  # one kv head per query head
     "kv_channels": sem.required(why="MLA: head dims are qk_head_dim / v_head_dim", ok=lambda v: True),
     "qk_layernorm": sem.BY_CHECK,  # the q/kv latent norms

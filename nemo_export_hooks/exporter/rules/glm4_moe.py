@@ -115,7 +115,7 @@ def _config(info: ModelInfo) -> dict:
 
 
 SEMANTICS = {
-    **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
     "rotary_interleaved": sem.BY_CHECK,
     "softmax_scale": sem.BY_CHECK,
     "layernorm_zero_centered_gamma": sem.mapped(why="norm weights written + 1 (ZERO_CENTRED_NORM)"),

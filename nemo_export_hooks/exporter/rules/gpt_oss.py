@@ -242,7 +242,7 @@ def _config(info: ModelInfo) -> dict:
 
 
 SEMANTICS = {
-    **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
     "ffn_hidden_size": sem.required(why="unused: every layer is MoE (checked)", ok=lambda v: True),
     "layernorm_epsilon": sem.mapped("rms_norm_eps", why="1e-5 only (vLLM), checked"),
     "activation_func": sem.BY_CHECK,  # quick_gelu, hard-wired in HF

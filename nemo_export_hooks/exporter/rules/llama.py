@@ -32,7 +32,7 @@ def _dense_check(model_type: str, qk_norm: bool, qkv_bias: bool):
 # The ledger (exporter/semantics.py): the transformer shape and block, checked by
 # check_llama_family; every other forward-changing field (windows, rotary_interleaved, softmax_scale,
 # zero-centred norms, ...) must hold megatron-core's default.
-SEMANTICS = {**sem.SHAPES, **sem.BLOCK}
+SEMANTICS = {**sem.REFUSED_LLAMA, **sem.SHAPES, **sem.BLOCK}
 
 
 def _llama_config(info: ModelInfo) -> dict:

@@ -35,7 +35,7 @@ def _check_softmax_router(info: ModelInfo, model_type: str) -> None:
 
 
 QWEN3_MOE_SEMANTICS = {
-    **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    **sem.REFUSED_LLAMA, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
     "moe_router_pre_softmax": sem.mapped("norm_topk_prob"),
 }
 
@@ -93,7 +93,7 @@ def _mixtral_check(info: ModelInfo) -> None:
 
 
 MIXTRAL_SEMANTICS = {
-    **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    **sem.REFUSED_LLAMA, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
     "moe_layer_freq": sem.BY_CHECK,  # MoE in every layer
     "moe_router_pre_softmax": sem.BY_CHECK,  # renormalised top-k only
 }

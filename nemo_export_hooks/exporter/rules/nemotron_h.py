@@ -242,7 +242,7 @@ def _config(info: ModelInfo) -> dict:
 
 
 SEMANTICS = {
-    **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
     "activation_func": sem.mapped("mlp_hidden_act"),
     "add_qkv_bias": sem.BY_CHECK,
     "layernorm_zero_centered_gamma": sem.BY_CHECK,

@@ -326,7 +326,7 @@ def _config(info: ModelInfo) -> dict:
 
 # The ledger (exporter/semantics.py), shared with qwen3_5_moe_text.
 FAMILY_SEMANTICS = {
-    **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
     "ffn_hidden_size": sem.mapped("intermediate_size", "moe_intermediate_size"),
     "moe_shared_expert_intermediate_size": sem.mapped("shared_expert_intermediate_size"),
     "moe_shared_expert_gate": sem.BY_CHECK,
