@@ -9,7 +9,7 @@ STAMP_NEXT := $(VENV_NEXT)/.installed
 # Exporter tests that must also pass on megatron-core 0.16.x + transformers 5.x (NemotronH needs
 # transformers 5: its tests run only here).
 NEXT_TESTS := tests/test_export_core.py tests/test_export_errors.py tests/test_nemotron_h.py tests/test_te_sequential.py tests/test_moe_placement.py \
-              tests/test_mappings.py tests/test_glm4_moe.py tests/test_gpt_oss.py tests/test_nemotron_h_gpu_prep.py
+              tests/test_mappings.py tests/test_glm4_moe.py tests/test_gpt_oss.py tests/test_nemotron_h_gpu_prep.py tests/test_semantics.py
 
 VENV_VLLM := .venv-vllm
 STAMP_VLLM := $(VENV_VLLM)/.installed

@@ -588,7 +588,7 @@ def _tree(path: Path) -> tuple[list[Path], Optional[str]]:
     return sorted(out), None
 
 
-def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
+def verify_export(path: PathLike, load_config: bool = True) -> list[str]:
     """Check an export; return human-readable problems (an empty list means it is good).
 
     Checks: the manifest exists and parses; every listed file exists with the recorded size
@@ -596,10 +596,13 @@ def verify_export(path: PathLike, load_config: bool = False) -> list[str]:
     complete: every file it names exists and holds every key it maps there, every tensor of
     every shard is in the index (under that shard), ``total_size`` is the shards' tensor
     bytes, and the manifest's ``num_tensors`` / ``total_bytes`` agree with it; every JSON file
-    parses and ``config.json`` is an object.  ``load_config=True`` also loads the config
-    with ``transformers.AutoConfig`` (offline), as a reader would, and builds the model
-    class on the meta device to compare every tensor's name and shape with the shards (and
-    refuses values of the wrong type or out of range), so that an export that passes loads.
+    parses and ``config.json`` is an object.  By default (``load_config=True``, what the CLI
+    ``nemo-export-hooks verify`` does) it also loads the config with
+    ``transformers.AutoConfig`` (offline), as a reader would, and builds the model class on
+    the meta device to compare every tensor's name and shape with the shards (and refuses
+    values of the wrong type or out of range), so that an export that passes loads: a
+    ``config.json`` that contradicts its tensors is a problem here too.  ``load_config=False``
+    (the CLI's ``--no-load-config``) checks files and index only, without transformers.
     No file may be a symlink.
     """
     path = Path(path)

@@ -232,3 +232,15 @@ def test_verify_hostile_config_values(export_dir, capsys, alarm, changes, messag
     out = capsys.readouterr().out
     assert out.startswith("FAILED:") and "Traceback" not in out
     assert re.search(message, out), out[:2000]
+
+
+def test_verify_export_api_checks_config_by_default(export_dir, capsys):
+    """``verify_export(path)`` from Python does what the CLI does: a config.json that
+    contradicts the tensors (re-signed in the manifest) fails both; only the explicit
+    ``load_config=False`` (the CLI's --no-load-config) skips the check."""
+    assert P.verify_export(export_dir) == []
+    _rewrite_config(export_dir, num_key_value_heads=2)
+    problems = P.verify_export(export_dir)
+    assert any(re.search(r"k_proj.weight is \[2, 4\], config.json gives \[4, 4\]", p) for p in problems), problems
+    assert main(["verify", str(export_dir)]) == 1
+    assert P.verify_export(export_dir, load_config=False) == []

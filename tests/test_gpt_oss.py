@@ -101,7 +101,7 @@ def test_gpt_oss_window_is_exported(mcore, tmp_path):
         (dict(softmax_type="vanilla"), {}, "learned sink per head"),
         ({}, dict(qk_layernorm=True), "has no qk-norm"),
         # vLLM's gpt-oss ignores layer_types and rms_norm_eps (tests/vllm_cpu checks the numbers)
-        (dict(window_attn_skip_freq=None), {}, r"windows the even layers \[0, 2\].*the model windows layers \[0, 1, 2\]"),
+        (dict(window_attn_skip_freq=None), {}, r"windows the even layers \[0, 2\].*the model windows HF layers \[0, 1, 2\].*window_attn_skip_freq=None"),
         ({}, dict(layernorm_epsilon=1e-6), r"normalises with eps 1e-05 .*layernorm_epsilon=1e-06"),
     ],
 )
@@ -215,3 +215,69 @@ def test_gpt_oss_yarn_refused_where_attention_factors_differ(mcore, tmp_path, at
     m = build(yarn_spec(**attrs))
     with pytest.raises(ArchMismatchError, match=match):
         export_to_hf(m, tmp_path / "hf", arch="gpt_oss", dtype=torch.float32)
+
+
+# -- HybridModel (megatron-core >= 0.18): windows are per Megatron layer, read per HF layer -----
+
+
+def _have_hybrid_model() -> bool:
+    try:
+        from megatron.core.models.hybrid.hybrid_model import HybridModel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_hybrid = pytest.mark.skipif(not _have_hybrid_model(), reason="HybridModel is new in megatron-core 0.18")
+
+
+def build_hybrid_oss(freq, seed=1234):
+    """gpt-oss as ``*E*E*E*E``: attention in Megatron layers 0, 2, 4, 6 (numbers 1, 3, 5, 7)."""
+    from nemo_export_hooks.testing.hybrid import build_hybrid
+
+    spec = oss_spec(extra=dict(window_attn_skip_freq=freq), num_layers=4)
+    m = build_hybrid(spec, "*E*E*E*E", seed=seed)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for layer in m.decoder.layers[::2]:
+            layer.self_attention.core_attention.softmax_offset.copy_(torch.randn(spec.num_attention_heads, generator=g))
+    return spec, m
+
+
+@needs_hybrid
+def test_hybrid_skip_freq_2_windows_every_hf_layer(mcore, tmp_path):
+    """window_attn_skip_freq=2 on ``*E*E*E*E`` windows every attention layer (Megatron numbers
+    1, 3, 5, 7 are all odd): every HF layer is sliding, which vLLM's gpt-oss (even layers only)
+    cannot express -- refused by name, nothing written.  (The old export wrote alternating
+    layer_types: logits 0.8 off.)"""
+    from nemo_export_hooks.exporter.plan import model_info
+    from nemo_export_hooks.exporter.source import iter_layers
+    from nemo_export_hooks.exporter.windows import hf_windows
+
+    spec, m = build_hybrid_oss(2)
+    info = model_info([m], list(iter_layers([m])), get_rule("gpt_oss"))
+    assert hf_windows(info) == [(3, 0)] * 4
+    with pytest.raises(ArchMismatchError, match=r"the model windows HF layers \[0, 1, 2, 3\].*window_attn_skip_freq=2"):
+        export_to_hf(m, tmp_path / "hf", arch="gpt_oss", dtype=torch.float32)
+    assert not (tmp_path / "hf").exists()
+
+
+@needs_hybrid
+def test_hybrid_window_list_per_megatron_layer_exports(mcore, tmp_path):
+    """``[1,0,0,0,1,0,0,0]`` windows Megatron layers 0 and 4 = HF layers 0 and 2, gpt-oss's own
+    pattern: exported (the old planner read the list per HF layer and refused "[0, 4]")."""
+    spec, m = build_hybrid_oss([1, 0, 0, 0, 1, 0, 0, 0])
+    tokens = tokens_for(spec.vocab_size)
+    ref = megatron_logits(m, tokens)
+    export_to_hf(m, tmp_path / "hf", arch="gpt_oss", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention"] * 2 and cfg["num_hidden_layers"] == 4
+    hf, info = load_hf(tmp_path / "hf")
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    diff = (hf_logits(hf, tokens) - ref).abs().max().item()
+    assert diff <= ATOL, f"max abs logit diff {diff}"
+    # the windows matter here: every layer sliding computes something else
+    cfg["layer_types"] = ["sliding_attention"] * 4
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf2, _ = load_hf(tmp_path / "hf")
+    assert (hf_logits(hf2, tokens) - ref).abs().max().item() > 1e-3

@@ -141,3 +141,16 @@ def test_multimodal_model_type_points_to_the_text_arch():
 
     with pytest.raises(ValueError, match=r"unknown arch 'qwen3_5_moe' \(qwen3_5_moe is the multimodal .* arch='qwen3_5_moe_text'\)"):
         get_rule("qwen3_5_moe")
+
+
+@needs_gdn
+def test_qwen3_5_moe_refuses_pre_softmax_router(mcore, tmp_path):
+    """transformers 5.23's ``Qwen3_5MoeTopKRouter`` always renormalises the top-k (it reads no
+    ``norm_topk_prob``); Megatron's pre-softmax router keeps them unnormalised.  The old export
+    wrote ``norm_topk_prob: false`` and loaded 0.6 off; now refused by name, nothing written."""
+    from nemo_export_hooks.exporter.rules import ArchMismatchError
+
+    m = build(next_spec(moe_router_pre_softmax=True), PATTERN)
+    with pytest.raises(ArchMismatchError, match=r"always renormalises the top-k .*moe_router_pre_softmax=True"):
+        export(m, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []

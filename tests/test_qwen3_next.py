@@ -276,3 +276,22 @@ def test_qwen3_next_tp2_matches_single_rank(mcore, tmp_path):
     assert res["logit_diff"] <= ATOL, res  # (TP=2 sums out_proj / linear_proj partials in another order)
     assert res["naive_logit_diff"] > 1e-2, res  # contiguous in_proj / conv1d shards compute something else
     assert res["diff"] == [] and res["same_config"] and res["n"] == 92, res
+
+
+@needs_gdn
+def test_qwen3_next_pre_softmax_router_roundtrip(mcore, tmp_path):
+    """Unlike Qwen3.5-MoE's, transformers' ``Qwen3NextTopKRouter`` reads ``norm_topk_prob``:
+    Megatron's pre-softmax router (unnormalised top-k of a softmax over all experts) is written
+    as ``norm_topk_prob: false`` and round-trips; the key matters (true is off)."""
+    spec = next_spec(moe_router_pre_softmax=True)
+    m = build(spec)
+    tokens = tokens_for(spec.vocab_size)
+    ref = megatron_logits(m, tokens)
+    roundtrip(m, tmp_path / "hf", tokens, ref)
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["norm_topk_prob"] is False
+    cfg["norm_topk_prob"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    hf, _ = load_hf(tmp_path / "hf")
+    assert (hf_logits(hf, tokens) - ref).abs().max().item() > 1e-3

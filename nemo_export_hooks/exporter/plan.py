@@ -18,6 +18,7 @@ import torch
 from . import mappings as mk
 from .experts import _num_local_experts, detect_layout, iter_experts
 from .parallel import Group, ParallelLayout
+from .semantics import check_semantics
 from .rules.base import IGNORED_SUFFIXES, ArchMismatchError, ArchRule, Entry, ModelInfo
 from .source import LayerRef, final_norm, hybrid_layer_types, iter_layers, model_attrs, named_tensors
 
@@ -172,6 +173,8 @@ def build_plan(chunks: list, rule: ArchRule, layout: ParallelLayout) -> ExportPl
         )
     if rule.check is not None:
         rule.check(info)
+    # the semantics ledger: every forward-changing megatron-core field is mapped, checked or refused
+    check_semantics(info, rule.model_type, rule.semantics)
     _check_shared_expert_interleave(info)
     plan = ExportPlan(rule, info, layout, chunks=chunks)
     dense_owner = layout.owns_dense

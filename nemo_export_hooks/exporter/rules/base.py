@@ -130,6 +130,11 @@ class ArchRule:
     # A hybrid stack exported to this (transformer) arch: the Megatron layer symbols that may
     # open an HF layer (attention ``*``; Qwen3-Next also Gated DeltaNet ``G``)
     hybrid_mixers: tuple[str, ...] = ("*",)
+    # The semantics ledger (exporter/semantics.py): how this rule handles every megatron-core
+    # config field that changes the forward and that it supports -- mapped to HF keys, required
+    # to hold a value, or refused.  A forward-changing field missing here that differs from
+    # megatron-core's default is refused at planning, naming the field.
+    semantics: dict = field(default_factory=dict)
 
     def entry(self, local_name: str) -> Entry:
         e = self.layer_table.get(local_name)

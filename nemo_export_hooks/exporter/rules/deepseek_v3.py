@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 
+from .. import semantics as sem
 from . import rule
 from .base import (
     ATTENTION,
@@ -205,6 +206,30 @@ def _config(info: ModelInfo) -> dict:
     return cfg
 
 
+SEMANTICS = {
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
+    "num_query_groups": sem.BY_CHECK,  # one kv head per query head
+    "kv_channels": sem.required(why="MLA: head dims are qk_head_dim / v_head_dim", ok=lambda v: True),
+    "qk_layernorm": sem.BY_CHECK,  # the q/kv latent norms
+    "layernorm_zero_centered_gamma": sem.BY_CHECK,
+    "rotary_interleaved": sem.BY_CHECK,
+    "q_lora_rank": sem.mapped("q_lora_rank"),
+    "kv_lora_rank": sem.mapped("kv_lora_rank"),
+    "qk_head_dim": sem.mapped("qk_nope_head_dim"),
+    "qk_pos_emb_head_dim": sem.mapped("qk_rope_head_dim"),
+    "v_head_dim": sem.mapped("v_head_dim"),
+    "rope_type": sem.BY_CHECK,
+    "rotary_base": sem.mapped("rope_theta"),
+    "rotary_percent": sem.BY_CHECK,
+    "rotary_scaling_factor": sem.mapped("rope_scaling.factor"),
+    "original_max_position_embeddings": sem.mapped("rope_scaling.original_max_position_embeddings"),
+    "beta_fast": sem.mapped("rope_scaling.beta_fast"),
+    "beta_slow": sem.mapped("rope_scaling.beta_slow"),
+    "mscale": sem.mapped("rope_scaling.mscale", "rope_scaling.attention_factor"),
+    "mscale_all_dim": sem.mapped("rope_scaling.mscale_all_dim", "rope_scaling.attention_factor"),
+}
+
+
 DEEPSEEK_V3 = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="DeepseekV3ForCausalLM",
@@ -213,6 +238,7 @@ DEEPSEEK_V3 = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=SEMANTICS,
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate"),
 ))
 

@@ -31,6 +31,7 @@ Facts, read from transformers 4.57 ``models/glm4_moe/modeling_glm4_moe.py`` and 
 from __future__ import annotations
 
 from .. import mappings as mk
+from .. import semantics as sem
 from . import rule
 from .base import (
     DENSE_MLP,
@@ -113,6 +114,14 @@ def _config(info: ModelInfo) -> dict:
     return cfg
 
 
+SEMANTICS = {
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
+    "rotary_interleaved": sem.BY_CHECK,
+    "softmax_scale": sem.BY_CHECK,
+    "layernorm_zero_centered_gamma": sem.mapped(why="norm weights written + 1 (ZERO_CENTRED_NORM)"),
+}
+
+
 GLM4_MOE = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="Glm4MoeForCausalLM",
@@ -121,6 +130,7 @@ GLM4_MOE = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=SEMANTICS,
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate"),
     final_norm_transform=mk.ZERO_CENTRED_NORM,
 ))

@@ -14,8 +14,9 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
   but not marked ``tensor_model_parallel``, hence ``tp_split``).
 * Sliding window: Megatron ``window_size=(W, 0)`` keeps keys ``q - W .. q`` (``W + 1`` of
   them); HF ``sliding_window=S`` keeps ``q - S < k <= q`` (``S``).  So ``S = W + 1``.
-  Megatron windows layer ``i`` (1-based) unless ``i % window_attn_skip_freq == 0`` (or by a
-  0/1 list); the config lists every layer in ``layer_types``.  vLLM 0.32 ignores
+  Megatron windows layer ``i`` (1-based, Megatron layers: a hybrid ``*E*E`` stack numbers
+  attention and MoE layers apart) unless ``i % window_attn_skip_freq == 0`` (or by a 0/1 list
+  per Megatron layer); read per HF layer by :mod:`..windows`, written to ``layer_types``.  vLLM 0.32 ignores
   ``layer_types`` and windows the even 0-based layers, and ignores ``rms_norm_eps`` (1e-5):
   models that differ are refused, as they would load there and compute something else.
 * Experts: HF computes ``x @ gate_up_proj[e] + gate_up_proj_bias[e]`` with ``gate_up_proj``
@@ -42,6 +43,8 @@ import math
 
 from .. import mappings as mk
 from . import rule
+from .. import semantics as sem
+from ..windows import hf_windows
 from .base import QKV, ArchRule, Entry, ModelInfo, R, hf_config, require
 
 MODEL_TYPE = "gpt_oss"
@@ -92,16 +95,10 @@ def _is_quick_gelu(c) -> bool:
 
 
 def _windowed(info: ModelInfo) -> list[bool]:
-    c = info.config
-    ws = getattr(c, "window_size", None)
-    if not ws:
-        return [False] * info.num_layers
-    freq = getattr(c, "window_attn_skip_freq", None)
-    if freq is None:
-        return [True] * info.num_layers
-    if isinstance(freq, int):
-        return [(i + 1) % freq != 0 for i in range(info.num_layers)]
-    return [bool(f) for f in list(freq)]
+    """Whether Megatron windows each HF layer (:func:`~..windows.hf_windows`: per Megatron
+    attention layer, then mapped to HF layers -- a hybrid ``*E*E`` stack's attention layers
+    are Megatron layers 1, 3, 5, ...)."""
+    return [w is not None for w in hf_windows(info)]
 
 
 def _check(info: ModelInfo) -> None:
@@ -132,8 +129,8 @@ def _check(info: ModelInfo) -> None:
     windowed = [i for i, w in enumerate(_windowed(info)) if w]
     even = list(range(0, info.num_layers, 2))
     require(not windowed or windowed == even,
-            f"{m} windows the even layers {even} (window_attn_skip_freq=2; vLLM's gpt-oss ignores layer_types); "
-            f"the model windows layers {windowed}")
+            f"{m} windows the even layers {even} (vLLM's gpt-oss ignores layer_types); the model windows HF layers "
+            f"{windowed} (window_size={tuple(ws) if ws else None}, window_attn_skip_freq={getattr(c, 'window_attn_skip_freq', None)!r})")
     require(math.isclose(c.layernorm_epsilon, EPS, rel_tol=1e-9, abs_tol=0.0),
             f"{m} normalises with eps {EPS} (vLLM's gpt-oss ignores rms_norm_eps); the model has layernorm_epsilon={c.layernorm_epsilon}")
     require(c.gated_linear_unit, f"{m} experts are gated (gated_linear_unit=True)")
@@ -244,6 +241,23 @@ def _config(info: ModelInfo) -> dict:
     )
 
 
+SEMANTICS = {
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    "ffn_hidden_size": sem.required(why="unused: every layer is MoE (checked)", ok=lambda v: True),
+    "layernorm_epsilon": sem.mapped("rms_norm_eps", why="1e-5 only (vLLM), checked"),
+    "activation_func": sem.BY_CHECK,  # quick_gelu, hard-wired in HF
+    "glu_linear_offset": sem.BY_CHECK,
+    "activation_func_clamp_value": sem.BY_CHECK,
+    "layernorm_zero_centered_gamma": sem.BY_CHECK,
+    "softmax_type": sem.BY_CHECK,  # learnable sinks -> self_attn.sinks
+    "softmax_scale": sem.BY_CHECK,
+    "rotary_interleaved": sem.BY_CHECK,
+    "window_size": sem.mapped("sliding_window", "layer_types"),
+    "window_attn_skip_freq": sem.mapped("layer_types", why="per Megatron attention layer, mapped to HF layers"),
+    "moe_layer_freq": sem.BY_CHECK,  # MoE in every layer
+    "moe_router_pre_softmax": sem.BY_CHECK,
+}
+
 GPT_OSS = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="GptOssForCausalLM",
@@ -252,5 +266,6 @@ GPT_OSS = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=SEMANTICS,
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.router"),
 ))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import semantics as sem
 from . import rule
 from .base import ATTENTION, DENSE_MLP, QK_NORM, QKV_BIAS, ArchRule, ModelInfo, check_llama_family, llama_family_config, require
 
@@ -28,6 +29,12 @@ def _dense_check(model_type: str, qk_norm: bool, qkv_bias: bool):
     return check
 
 
+# The ledger (exporter/semantics.py): the transformer shape and block, checked by
+# check_llama_family; every other forward-changing field (windows, rotary_interleaved, softmax_scale,
+# zero-centred norms, ...) must hold megatron-core's default.
+SEMANTICS = {**sem.REFUSED_LLAMA, **sem.SHAPES, **sem.BLOCK}
+
+
 def _llama_config(info: ModelInfo) -> dict:
     cfg = llama_family_config(info, "llama", "LlamaForCausalLM")
     cfg.update(mlp_bias=False, pretraining_tp=1, rope_scaling=None)
@@ -52,6 +59,7 @@ LLAMA = rule(ArchRule(
     architecture="LlamaForCausalLM",
     layer_table={**ATTENTION, **DENSE_MLP},
     build_config=_llama_config,
+    semantics=SEMANTICS,
     check=_dense_check("llama", qk_norm=False, qkv_bias=False),
 ))
 
@@ -60,6 +68,7 @@ QWEN2 = rule(ArchRule(
     architecture="Qwen2ForCausalLM",
     layer_table={**ATTENTION, **QKV_BIAS, **DENSE_MLP},
     build_config=_qwen2_config,
+    semantics=SEMANTICS,
     check=_dense_check("qwen2", qk_norm=False, qkv_bias=True),
 ))
 
@@ -68,5 +77,6 @@ QWEN3 = rule(ArchRule(
     architecture="Qwen3ForCausalLM",
     layer_table={**ATTENTION, **QK_NORM, **DENSE_MLP},
     build_config=_qwen3_config,
+    semantics=SEMANTICS,
     check=_dense_check("qwen3", qk_norm=True, qkv_bias=False),
 ))

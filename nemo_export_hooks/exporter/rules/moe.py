@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import semantics as sem
 from . import rule
 from .base import (
     ATTENTION,
@@ -31,6 +32,12 @@ def _check_softmax_router(info: ModelInfo, model_type: str) -> None:
         f"{model_type} has no routed scaling factor (moe_router_topk_scaling_factor)",
     )
     require(not getattr(c, "moe_router_num_groups", None), f"{model_type} has no group-limited routing")
+
+
+QWEN3_MOE_SEMANTICS = {
+    **sem.REFUSED_LLAMA, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    "moe_router_pre_softmax": sem.mapped("norm_topk_prob"),
+}
 
 
 def _qwen3_moe_check(info: ModelInfo) -> None:
@@ -69,6 +76,7 @@ QWEN3_MOE = rule(ArchRule(
     supports_moe=True,
     build_config=_qwen3_moe_config,
     check=_qwen3_moe_check,
+    semantics=QWEN3_MOE_SEMANTICS,
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate"),
 ))
 
@@ -82,6 +90,13 @@ def _mixtral_check(info: ModelInfo) -> None:
         not info.config.moe_router_pre_softmax,
         "mixtral renormalises the top-k probabilities; the model routes with moe_router_pre_softmax=True",
     )
+
+
+MIXTRAL_SEMANTICS = {
+    **sem.REFUSED_LLAMA, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    "moe_layer_freq": sem.BY_CHECK,  # MoE in every layer
+    "moe_router_pre_softmax": sem.BY_CHECK,  # renormalised top-k only
+}
 
 
 def _mixtral_config(info: ModelInfo) -> dict:
@@ -112,5 +127,6 @@ MIXTRAL = rule(ArchRule(
     supports_moe=True,
     build_config=_mixtral_config,
     check=_mixtral_check,
+    semantics=MIXTRAL_SEMANTICS,
     quant_exclude=("lm_head", "model.embed_tokens", "*.block_sparse_moe.gate"),
 ))

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 
 from ..mappings import PerRankParts, per_rank_parts_rows  # noqa: F401 (moved to mappings; names kept here)
+from .. import semantics as sem
 from . import rule
 from .base import ArchMismatchError, ArchRule, Entry, ModelInfo, QKV, R, activation_name, check_sigmoid_router, hf_config, require
 
@@ -240,6 +241,22 @@ def _config(info: ModelInfo) -> dict:
     return cfg
 
 
+SEMANTICS = {
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SIGMOID_MOE,
+    "activation_func": sem.mapped("mlp_hidden_act"),
+    "add_qkv_bias": sem.BY_CHECK,
+    "layernorm_zero_centered_gamma": sem.BY_CHECK,
+    "apply_residual_connection_post_layernorm": sem.BY_CHECK,
+    "softmax_scale": sem.BY_CHECK,
+    "mamba_state_dim": sem.mapped("ssm_state_size"),
+    "mamba_head_dim": sem.mapped("mamba_head_dim"),
+    "mamba_num_groups": sem.mapped("n_groups"),
+    "mamba_num_heads": sem.mapped("mamba_num_heads"),
+    "moe_latent_size": sem.mapped("moe_latent_size"),
+    "moe_shared_expert_intermediate_size": sem.mapped("moe_shared_expert_intermediate_size"),
+}
+
+
 NEMOTRON_H = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="NemotronHForCausalLM",
@@ -253,6 +270,7 @@ NEMOTRON_H = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=SEMANTICS,
     # What ModelOpt always leaves unquantized (its default_disabled_quantizers: `*router*`,
     # `*mixer.conv1d*`, `*lm_head*`/`*output_layer*`, embeddings), in HF names.  Mamba in_proj /
     # out_proj, attention and latent projections are quantized by some ModelOpt recipes

@@ -16,7 +16,11 @@ checks and table) with two differences, read from transformers 5.23
   (-> ``beta``), ``in_proj_a`` (the decay); Megatron's ``in_proj`` is ``[q | k | v | z | beta |
   alpha]`` -- a split into contiguous runs (per-rank parts re-ordered first under TP);
 * every layer is an MoE layer (``Qwen3_5MoeDecoderLayer`` has no dense MLP): a model with dense
-  layers is refused.
+  layers is refused;
+* the router (``Qwen3_5MoeTopKRouter``) always renormalises the top-k probabilities and reads
+  no ``norm_topk_prob`` (Qwen3-Next's router does): Megatron's default top-k-then-softmax is
+  exactly that, but ``moe_router_pre_softmax=True`` (softmax over all experts, top-k kept
+  unnormalised) is not expressible and is refused by name.
 
 Rotary embeddings are multimodal (``mrope_section``) in HF, but a text-only sequence has the same
 position in all three sections, which is plain (partial) rope -- what Megatron computes.
@@ -27,9 +31,10 @@ from __future__ import annotations
 import torch
 
 from .. import mappings as mk
+from .. import semantics as sem
 from . import rule
 from .base import SWIGLU_EXPERTS, ArchRule, Entry, ModelInfo, require
-from .qwen3_next import GDN, LAYER as NEXT_LAYER, PLAIN_TO_ZERO_CENTRED, check_family, family_config, gdn_dims
+from .qwen3_next import FAMILY_SEMANTICS, GDN, LAYER as NEXT_LAYER, PLAIN_TO_ZERO_CENTRED, check_family, family_config, gdn_dims
 
 MODEL_TYPE = "qwen3_5_moe_text"
 
@@ -82,12 +87,25 @@ def _check(info: ModelInfo) -> None:
         f"{MODEL_TYPE} has an MoE block in every layer (no dense MLP layers); the model's layers {dense} of "
         f"{info.num_layers} are dense",
     )
+    require(
+        not getattr(info.config, "moe_router_pre_softmax", False),
+        f"{MODEL_TYPE}'s router (Qwen3_5MoeTopKRouter) always renormalises the top-k probabilities; the model has "
+        "moe_router_pre_softmax=True (unnormalised top-k of a softmax over all experts), which it cannot express",
+    )
 
 
 def _config(info: ModelInfo) -> dict:
     cfg = family_config(info, MODEL_TYPE, "Qwen3_5MoeForCausalLM")
     cfg.pop("intermediate_size")  # no dense MLPs: Qwen3_5MoeTextConfig has no such key
     return cfg
+
+
+SEMANTICS = {
+    **FAMILY_SEMANTICS,
+    "ffn_hidden_size": sem.mapped("moe_intermediate_size", why="every layer is MoE (checked); no dense width"),
+    "moe_layer_freq": sem.BY_CHECK,  # MoE in every layer
+    "moe_router_pre_softmax": sem.BY_CHECK,  # Qwen3_5MoeTopKRouter always renormalises: refused
+}
 
 
 QWEN3_5_MOE = rule(ArchRule(
@@ -98,6 +116,7 @@ QWEN3_5_MOE = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=SEMANTICS,
     final_norm_transform=PLAIN_TO_ZERO_CENTRED,
     hybrid_mixers=("*", "G"),
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate", "*.mlp.shared_expert_gate", "*.linear_attn.conv1d"),

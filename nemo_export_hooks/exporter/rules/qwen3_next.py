@@ -75,6 +75,7 @@ import math
 import torch
 
 from .. import mappings as mk
+from .. import semantics as sem
 from . import rule
 from .base import (
     GLU,
@@ -323,6 +324,27 @@ def _config(info: ModelInfo) -> dict:
     return family_config(info, MODEL_TYPE, "Qwen3NextForCausalLM", decoder_sparse_step=1, mlp_only_layers=dense)
 
 
+# The ledger (exporter/semantics.py), shared with qwen3_5_moe_text.
+FAMILY_SEMANTICS = {
+    **sem.REFUSED_COMMON, **sem.SHAPES, **sem.BLOCK, **sem.SOFTMAX_MOE,
+    "ffn_hidden_size": sem.mapped("intermediate_size", "moe_intermediate_size"),
+    "moe_shared_expert_intermediate_size": sem.mapped("shared_expert_intermediate_size"),
+    "moe_shared_expert_gate": sem.BY_CHECK,
+    "moe_router_pre_softmax": sem.mapped("norm_topk_prob"),
+    "layernorm_zero_centered_gamma": sem.mapped(why="plain norms written as w - 1 (PLAIN_TO_ZERO_CENTRED)"),
+    "apply_residual_connection_post_layernorm": sem.BY_CHECK,
+    "attention_output_gate": sem.BY_CHECK,
+    "rotary_interleaved": sem.BY_CHECK,
+    "softmax_scale": sem.BY_CHECK,
+    "experimental_attention_variant": sem.BY_CHECK,
+    "linear_attention_freq": sem.mapped("layer_types"),
+    "linear_conv_kernel_dim": sem.mapped("linear_conv_kernel_dim"),
+    "linear_key_head_dim": sem.mapped("linear_key_head_dim"),
+    "linear_value_head_dim": sem.mapped("linear_value_head_dim"),
+    "linear_num_key_heads": sem.mapped("linear_num_key_heads"),
+    "linear_num_value_heads": sem.mapped("linear_num_value_heads"),
+}
+
 QWEN3_NEXT = rule(ArchRule(
     model_type=MODEL_TYPE,
     architecture="Qwen3NextForCausalLM",
@@ -331,11 +353,12 @@ QWEN3_NEXT = rule(ArchRule(
     supports_moe=True,
     build_config=_config,
     check=_check,
+    semantics=FAMILY_SEMANTICS,
     final_norm_transform=PLAIN_TO_ZERO_CENTRED,
     hybrid_mixers=("*", "G"),
     # ModelOpt's defaults leave routers, the shared-expert gate and the DeltaNet conv unquantized
     quant_exclude=("lm_head", "model.embed_tokens", "*.mlp.gate", "*.mlp.shared_expert_gate", "*.linear_attn.conv1d"),
 ))
 
-__all__ = ["QWEN3_NEXT", "ArchMismatchError", "GatedDeltaNetInProj", "PLAIN_TO_ZERO_CENTRED", "check_family", "family_config", "gdn_dims",
+__all__ = ["FAMILY_SEMANTICS", "QWEN3_NEXT", "ArchMismatchError", "GatedDeltaNetInProj", "PLAIN_TO_ZERO_CENTRED", "check_family", "family_config", "gdn_dims",
            "hf_layer_types", "mixer_types", "qkv_gated_split"]
