@@ -133,3 +133,21 @@ def test_required_values_are_enforced_by_the_ledger():
         S.check_semantics(info, "x", declared)
     declared["qk_layernorm"] = S.required(False)
     S.check_semantics(info, "x", declared)
+
+
+def test_provider_subclass_default_does_not_hide_a_field(mcore, tmp_path):
+    """A NeMo / Megatron-Bridge provider subclass may change a field's default (here
+    ``rotary_interleaved=True``): the ledger compares with megatron-core's default, so the
+    field is still seen; the provider's own extra fields are build options, not checked."""
+    TransformerConfig, _ = _configs()
+    provider = dataclasses.make_dataclass(
+        "MyProvider", [("rotary_interleaved", bool, dataclasses.field(default=True)), ("seq_length", int, dataclasses.field(default=7))],
+        bases=(TransformerConfig,), namespace={"__module__": "my_training_framework.providers"})
+    m = build_gpt(TinySpec(num_experts=None))
+    m.config.__class__ = provider
+    m.config.seq_length = 4096
+    export_to_hf(m, tmp_path / "ok", arch="qwen3", dtype=torch.float32)  # extra provider field: not a megatron-core option
+    m.config.rotary_interleaved = True
+    with pytest.raises(ArchMismatchError, match=r"arch 'qwen3' cannot express rotary_interleaved=True: HF rotates halves"):
+        export_to_hf(m, tmp_path / "hf", arch="qwen3", dtype=torch.float32)
+    assert not (tmp_path / "hf").exists()
