@@ -271,14 +271,20 @@ def _show(v: Any) -> str:
     return repr(v)
 
 
+def inert(name: str, config) -> bool:
+    """An option megatron-core reads only for a part the model does not have: ``moe_*`` in a
+    model without experts (``num_moe_experts`` unset), which builds no router or experts."""
+    return name.startswith("moe_") and not getattr(config, "num_moe_experts", None)
+
+
 def undeclared_non_default(config, declared: dict[str, Handling]) -> list[tuple[str, Any]]:
     """``(field, value)`` of every forward-changing field that ``declared`` does not cover and
     whose value differs from megatron-core's dataclass default (a field without a default is
-    always set, so it must be declared)."""
+    always set, so it must be declared); :func:`inert` fields excepted."""
     out = []
     fields = megatron_fields(config)
     for name in forward_fields(config):
-        if name in declared:
+        if name in declared or inert(name, config):
             continue
         value = getattr(config, name, None)
         default = field_default(fields[name])
