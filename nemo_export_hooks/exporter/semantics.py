@@ -226,13 +226,16 @@ SIGMOID_MOE = {
 
 # -- the field list, from megatron-core itself -------------------------------------------------
 def megatron_fields(config) -> dict[str, dataclasses.Field]:
-    """The dataclass fields of ``config`` that megatron-core's own classes declare (a
-    NeMo / Megatron-Bridge provider subclass adds build options, not model semantics)."""
-    own = set()
-    for cls in type(config).__mro__:
+    """The dataclass fields of ``config`` that megatron-core's own classes declare, each as
+    megatron-core declares it.  A NeMo / Megatron-Bridge provider subclass adds build options,
+    not model semantics, and may change a field's default (a Qwen3 provider defaults
+    ``qk_layernorm=True``): the default compared against is megatron-core's."""
+    out: dict[str, dataclasses.Field] = {}
+    for cls in type(config).__mro__:  # most derived first: the nearest megatron-core declaration
         if dataclasses.is_dataclass(cls) and cls.__module__.startswith("megatron.core"):
-            own.update(f.name for f in dataclasses.fields(cls))
-    return {f.name: f for f in dataclasses.fields(type(config)) if f.name in own}
+            for f in dataclasses.fields(cls):
+                out.setdefault(f.name, f)
+    return out
 
 
 def forward_fields(config) -> list[str]:
@@ -268,14 +271,20 @@ def _show(v: Any) -> str:
     return repr(v)
 
 
+def inert(name: str, config) -> bool:
+    """An option megatron-core reads only for a part the model does not have: ``moe_*`` in a
+    model without experts (``num_moe_experts`` unset), which builds no router or experts."""
+    return name.startswith("moe_") and not getattr(config, "num_moe_experts", None)
+
+
 def undeclared_non_default(config, declared: dict[str, Handling]) -> list[tuple[str, Any]]:
     """``(field, value)`` of every forward-changing field that ``declared`` does not cover and
     whose value differs from megatron-core's dataclass default (a field without a default is
-    always set, so it must be declared)."""
+    always set, so it must be declared); :func:`inert` fields excepted."""
     out = []
     fields = megatron_fields(config)
     for name in forward_fields(config):
-        if name in declared:
+        if name in declared or inert(name, config):
             continue
         value = getattr(config, name, None)
         default = field_default(fields[name])

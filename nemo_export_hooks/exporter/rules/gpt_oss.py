@@ -16,8 +16,9 @@ Facts, read from transformers 4.57 ``models/gpt_oss/modeling_gpt_oss.py`` and Me
   them); HF ``sliding_window=S`` keeps ``q - S < k <= q`` (``S``).  So ``S = W + 1``.
   Megatron windows layer ``i`` (1-based, Megatron layers: a hybrid ``*E*E`` stack numbers
   attention and MoE layers apart) unless ``i % window_attn_skip_freq == 0`` (or by a 0/1 list
-  per Megatron layer); read per HF layer by :mod:`..windows`, written to ``layer_types``.  vLLM 0.32 ignores
-  ``layer_types`` and windows the even 0-based layers, and ignores ``rms_norm_eps`` (1e-5):
+  per Megatron layer); read per HF layer by :mod:`..windows`, written to ``layer_types``.
+  vLLM 0.32 ignores ``layer_types`` and windows the even 0-based layers, and ignores
+  ``rms_norm_eps`` (1e-5):
   models that differ are refused, as they would load there and compute something else.
 * Experts: HF computes ``x @ gate_up_proj[e] + gate_up_proj_bias[e]`` with ``gate_up_proj``
   ``[E, H, 2F]``, gate/up columns interleaved (``gate = [..., ::2]``, ``up = [..., 1::2]``),
