@@ -114,3 +114,33 @@ def test_a_refusal_leaves_nothing(mcore, tmp_path):
     o = fuzz.run_config(c, tmp_path)
     assert o.kind == "refused" and "qk-norm" in o.detail, o.line()
     assert list((tmp_path / "export").iterdir()) == []
+
+
+# -- what the fuzzer found and this branch fixed ------------------------------------------------
+
+# `make fuzz` seed 1020 of qwen3_5_moe_text/hybrid: head dim 8, rotary_percent 0.25 -> two rotary dims
+TWO_ROTARY_DIMS = {
+    'arch': 'qwen3_5_moe_text', 'form': 'hybrid', 'seed': 1020, 'weights_seed': 2020, 'pattern': 'GE*E',
+    'position_embedding_type': 'rope', 'layout': 'sequential', 'activation': None, 'probe': None,
+    'spec': {'extra': {'init_method_std': 0.1, 'layernorm_zero_centered_gamma': False, 'attention_output_gate': True,
+                       'moe_shared_expert_gate': True, 'deterministic_mode': True, 'linear_conv_kernel_dim': 2,
+                       'linear_key_head_dim': 16, 'linear_value_head_dim': 8, 'linear_num_key_heads': 1,
+                       'linear_num_value_heads': 1},
+             'vocab_size': 64, 'max_seq_len': 64, 'ffn_hidden_size': 48, 'tie_embeddings': True, 'rotary_base': 10000.0,
+             'layernorm_epsilon': 1e-05, 'hidden_size': 64, 'num_attention_heads': 8, 'num_query_groups': 2, 'kv_channels': 8,
+             'num_experts': 4, 'moe_ffn_hidden_size': 32, 'moe_router_topk': 4, 'moe_shared_expert_intermediate_size': 48,
+             'qk_layernorm': True, 'rotary_percent': 0.25}}
+
+
+def test_two_rotary_dims_in_a_hybrid_model(mcore, quiet_transformers, tmp_path):
+    """A ``HybridModel`` keeps no ``rotary_percent``: the export recovers it from ``inv_freq``.
+    With two rotary dims there is one frequency (1.0 for every base), which was read as
+    ``rotary_percent=1.0``: exported with ``partial_rotary_factor`` 1.0, logits 1.0 off."""
+    ok, why = fuzz.available("qwen3_5_moe_text", "hybrid")
+    if not ok:
+        pytest.skip(why)
+    from nemo_export_hooks.exporter.source import rotary_attrs
+
+    assert rotary_attrs(fuzz.build(TWO_ROTARY_DIMS))[1] == 0.25
+    o = fuzz.run_config(TWO_ROTARY_DIMS, tmp_path)
+    assert o.kind == "matched", o.line()
