@@ -1,8 +1,9 @@
 """The config fuzzer's fixed CI seed set (issue 21 part 2): for every architecture, in every
 Megatron form the installed megatron-core / transformers can build and load, draws 0 ..
 ``FUZZ_CI_SEEDS - 1`` of :func:`nemo_export_hooks.testing.fuzz.draw` are built, exported and
-loaded; each must match Megatron's fp32 logits within 1e-4 (absolute) or be refused with nothing
-written.  A failing draw's message is a snippet that reproduces it.
+loaded; each must match Megatron's fp32 logits within 1e-4 (times the largest |logit| where
+that is above 1) or be refused with nothing written.  A failing draw's message is a snippet that
+reproduces it.
 
 Draws that fall in a known, open defect class (``fuzz.KNOWN_DEFECTS``, issue 21) are
 ``xfail(strict=True)``: they must still fail, so the marker has to go when the fix lands.
@@ -21,15 +22,25 @@ import pytest
 
 from nemo_export_hooks.testing import fuzz
 
-CI_SEEDS = int(os.environ.get("FUZZ_CI_SEEDS", "8"))
+def _default_seeds() -> int:
+    """16 draws per (arch, form) where only the GPTModel forms build (``make test``, megatron-core
+    0.15.3: 8 forms, ~1.5 min on 2 cores), 8 where every form does (``make test-mcore19``: 21
+    forms, ~2.5 min)."""
+    from nemo_export_hooks.testing.fuzz import _importable
+
+    return 8 if _importable("megatron.core.models.hybrid.hybrid_model", "HybridModel") else 16
+
+
+CI_SEEDS = int(os.environ.get("FUZZ_CI_SEEDS") or _default_seeds())
 
 
 def _cases():
     for arch in fuzz.ARCHS:
         for form in fuzz.FORMS[arch]:
             for seed in range(CI_SEEDS):
-                known = fuzz.known_defect(fuzz.draw(arch, form, seed))
-                marks = [pytest.mark.xfail(strict=True, reason=known)] if known else []
+                c = fuzz.draw(arch, form, seed)
+                known = fuzz.known_defect(c)
+                marks = [pytest.mark.xfail(strict=fuzz.known_defect_strict(c), reason=known)] if known else []
                 yield pytest.param(arch, form, seed, marks=marks, id=f"{arch}-{form}-{seed}")
 
 
@@ -105,7 +116,7 @@ def test_a_wrong_export_is_a_failure(mcore, quiet_transformers, tmp_path, monkey
     wrong = dataclasses.replace(base, build_config=lambda info: {**base.build_config(info), "rms_norm_eps": 0.5})
     monkeypatch.setitem(rules.RULES, "qwen3", wrong)
     o = fuzz.run_config(c, tmp_path / "b")
-    assert o.kind == "failed" and o.diff > fuzz.ATOL, o.line()
+    assert o.kind == "failed" and o.diff > fuzz.ATOL * 10, o.line()
     assert repr(c) in fuzz.reproducer(c)
 
 

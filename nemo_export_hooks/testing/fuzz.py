@@ -15,7 +15,7 @@ hand-written test builds.  One job, in four steps, each a function:
   biases, attention sinks and router expert biases get distinct random values).
 * :func:`run_config` -- build, Megatron forward on random tokens, :func:`export_to_hf` into a
   fresh temp dir, ``AutoModelForCausalLM.from_pretrained`` (no ``trust_remote_code``), compare.
-* :class:`Outcome` -- ``matched`` (max |dlogit| <= :data:`ATOL`, absolute, fp32 end to end),
+* :class:`Outcome` -- ``matched`` (max |dlogit| <= :func:`tolerance`: 1e-4 times max(1, max |logit|), fp32),
   ``refused`` (an exception at export and nothing left in the parent directory: neither the
   target nor a staging sibling), ``invalid`` (Megatron-Core itself refused to build the draw:
   not the exporter's business, counted apart), or ``failed`` (anything else: a logit mismatch,
@@ -50,7 +50,15 @@ from typing import Any, Optional
 
 import torch
 
-ATOL = 1e-4  # max |logit difference|, absolute, float32 end to end
+ATOL = 1e-4  # max |logit difference| allowed, float32 end to end, times max(1, max |Megatron logit|)
+
+
+def tolerance(ref: torch.Tensor) -> float:
+    """1e-4 absolute for logits up to 1 in magnitude, relative to the largest |logit| above that:
+    Gated DeltaNet's chunked recurrence (Megatron's and transformers' torch paths sum in other
+    orders) reaches 1.2e-4 on 32 tokens with logits of 5.6 (2.6e-5 on 12 tokens) -- float32
+    rounding, not a different function."""
+    return ATOL * max(1.0, ref.abs().max().item())
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3", "nemotron_h", "glm4_moe", "gpt_oss",
          "qwen3_next", "qwen3_5_moe_text")
@@ -85,6 +93,27 @@ def _has_full_attention(c: dict) -> bool:
     return 0 in c["spec"]["extra"].get("linear_attention_freq", [0])
 
 
+def _llama_accepts(c: dict) -> bool:
+    """The draw's other options pass the Llama-family rules (mixtral refuses pre-softmax routing,
+    which Megatron needs for a top-1 softmax router)."""
+    return not (c["arch"] == "mixtral" and c["spec"].get("moe_router_pre_softmax"))
+
+
+def _gdn_accepts(c: dict) -> bool:
+    """The draw's other options pass the Qwen3-Next/Qwen3.5 rules: attention-only probes and an
+    even, non-zero rotary dim count matter only with a full-attention layer."""
+    if c["probe"] not in (None, "moe_router_pre_softmax"):
+        if c["probe"] not in _GDN_ATTENTION_PROBES or _has_full_attention(c):
+            return False
+    if _has_full_attention(c):
+        s = c["spec"]
+        head = s.get("kv_channels") or s["hidden_size"] // s["num_attention_heads"]
+        rot = int(head * s.get("rotary_percent", 1.0))
+        if rot <= 0 or rot % 2:
+            return False
+    return True
+
+
 def _oss_hybrid_window_wrong(c: dict) -> bool:
     """gpt_oss as ``*E*E...`` with an int ``window_attn_skip_freq`` f: Megatron windows attention
     layer k (hybrid layer 2k, layer_number 2k+1) when (2k+1) % f != 0; the export writes HF layer
@@ -99,7 +128,7 @@ def _oss_hybrid_window_wrong(c: dict) -> bool:
     return accepted and exported != [(2 * k + 1) % f != 0 for k in range(n)]
 
 
-KNOWN_DEFECTS: dict[str, tuple[str, Any]] = {
+KNOWN_DEFECTS: dict[str, tuple] = {  # name -> (reason, predicate[, strict=True])
     "gpt_oss-hybrid-window-skip-freq": (
         "issue 21: gpt_oss HybridModel with window_attn_skip_freq: Megatron counts hybrid layers, the export HF layers",
         lambda c: c["arch"] == "gpt_oss" and c["form"] == "hybrid" and c["probe"] is None
@@ -107,13 +136,12 @@ KNOWN_DEFECTS: dict[str, tuple[str, Any]] = {
     ),
     "qwen3_5_moe-pre-softmax": (
         "issue 21: qwen3_5_moe_text with moe_router_pre_softmax=True: transformers always renormalises the top-k",
-        lambda c: c["arch"] == "qwen3_5_moe_text" and c["spec"].get("moe_router_pre_softmax", False)
-        and c["probe"] in _GDN_ATTENTION_PROBES,
+        lambda c: c["arch"] == "qwen3_5_moe_text" and c["spec"].get("moe_router_pre_softmax", False) and _gdn_accepts(c),
     ),
     "gdn-without-full-attention": (
         "issue 21 (fuzzer): Qwen3-Next/Qwen3.5 without a full-attention layer: transformers 5.23's forward "
         "raises in DynamicCache.get_seq_length (use_cache=True, the default)",
-        lambda c: c["arch"] in GDN_ARCHS and not _has_full_attention(c) and c["probe"] in _GDN_ATTENTION_PROBES,
+        lambda c: c["arch"] in GDN_ARCHS and not _has_full_attention(c) and _gdn_accepts(c),
     ),
     "nemotron_h-tied-embeddings": (
         "issue 21 (fuzzer): nemotron_h with tied embeddings: transformers 5.23 NemotronH never ties "
@@ -121,35 +149,54 @@ KNOWN_DEFECTS: dict[str, tuple[str, Any]] = {
         lambda c: c["arch"] == "nemotron_h" and c["spec"].get("tie_embeddings")
         and c["probe"] in (None, "silu", "moe_router_pre_softmax"),
     ),
+    "grouped-sigmoid-router-negative-bias": (
+        "issue 21 (fuzzer): deepseek_v3/glm4_moe group-limited routing: transformers masks the experts of unchosen "
+        "groups with 0.0 (Megatron: -inf), so a chosen expert whose sigmoid score + expert bias is negative loses to them",
+        lambda c: c["arch"] in ("deepseek_v3", "glm4_moe") and c["probe"] is None
+        and c["spec"].get("moe_router_group_topk") not in (None, c["spec"].get("moe_router_num_groups")),
+        False,  # depends on the drawn weights: only a negative biased score inside the top-k shows it
+    ),
     "llama-family-window": (
         "issue 21 (fuzzer): the Llama-family and glm4_moe rules ignore window_size (exported as full attention)",
-        lambda c: c["arch"] in LLAMA_FAMILY + ("glm4_moe",) and c["probe"] == "window_size=(3,0)",
+        lambda c: c["arch"] in LLAMA_FAMILY + ("glm4_moe",) and c["probe"] == "window_size=(3,0)" and _llama_accepts(c),
     ),
     "llama-family-rotary-interleaved": (
         "issue 21 (fuzzer): the Llama-family rules ignore rotary_interleaved=True",
-        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "rotary_interleaved",
+        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "rotary_interleaved" and _llama_accepts(c),
     ),
     "llama-family-softmax-scale": (
         "issue 21 (fuzzer): the Llama-family rules ignore softmax_scale",
-        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "softmax_scale=0.5",
+        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "softmax_scale=0.5" and _llama_accepts(c),
     ),
     "llama-family-rope-scaling": (
         "issue 21 (fuzzer): the Llama-family rules ignore GPTModel's rope_scaling (Llama-3.1 rotary scaling)",
-        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "rope_scaling",
+        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "rope_scaling" and _llama_accepts(c),
+        False,  # Llama-3.1 scaling moves only wavelengths > 2048 positions: on 32 tokens some draws match
     ),
     "llama-family-zero-centred-norms": (
         "issue 21 (fuzzer): the Llama-family rules copy zero-centred norm weights (layernorm_zero_centered_gamma) without the + 1",
-        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "layernorm_zero_centered_gamma",
+        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "layernorm_zero_centered_gamma" and _llama_accepts(c),
     ),
 }
 
 
 def known_defect(config: dict) -> Optional[str]:
     """The reason of the open defect class ``config`` falls in, or None."""
-    for _name, (reason, pred) in KNOWN_DEFECTS.items():
+    k = known_defect_class(config)
+    return KNOWN_DEFECTS[k][0] if k else None
+
+
+def known_defect_class(config: dict) -> Optional[str]:
+    for name, (reason, pred, *strict) in KNOWN_DEFECTS.items():
         if pred(config):
-            return reason
+            return name
     return None
+
+
+def known_defect_strict(config: dict) -> bool:
+    """Whether every draw of the class fails (xfail strict) or only those the tokens can see."""
+    k = known_defect_class(config)
+    return bool(k) and (KNOWN_DEFECTS[k][2:] or (True,))[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -726,8 +773,9 @@ def run_config(config: dict, workdir: Optional[Path] = None) -> Outcome:
             return Outcome("failed", config, f"transformers forward: {_first_line(e)}"[:400], seconds=time.perf_counter() - t0)
         diff = (got - ref).abs().max().item() if got.shape == ref.shape else float("inf")
         std = ref.std().item()
-        kind = "matched" if diff <= ATOL else "failed"
-        detail = "" if kind == "matched" else f"logits differ (tolerance {ATOL})"
+        tol = tolerance(ref)
+        kind = "matched" if diff <= tol else "failed"
+        detail = "" if kind == "matched" else f"logits differ (tolerance {tol:.3g})"
         return Outcome(kind, config, detail, diff=diff, logit_std=std, seconds=time.perf_counter() - t0)
     finally:
         if own_tmp:
@@ -794,7 +842,7 @@ def main(argv=None) -> int:
                 c[o.kind] += 1
                 if not o.ok:
                     failures.append(o)
-                if not args.quiet or not o.ok:
+                if not args.quiet or o.kind in ("failed", "invalid"):
                     print(o.line(), flush=True)
     print("\n== summary ==")
     tot = {"matched": 0, "refused": 0, "invalid": 0, "failed": 0}
