@@ -166,7 +166,8 @@ KNOWN_DEFECTS: dict[str, tuple] = {  # name -> (reason, predicate[, strict=True]
     ),
     "llama-family-softmax-scale": (
         "issue 21 (fuzzer): the Llama-family rules ignore softmax_scale",
-        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "softmax_scale=0.5" and _llama_accepts(c),
+        lambda c: c["arch"] in LLAMA_FAMILY and c["probe"] == "softmax_scale=0.5" and _llama_accepts(c)
+        and (c["spec"].get("kv_channels") or c["spec"]["hidden_size"] // c["spec"]["num_attention_heads"]) != 4,  # 4 ** -0.5 == 0.5
     ),
     "llama-family-rope-scaling": (
         "issue 21 (fuzzer): the Llama-family rules ignore GPTModel's rope_scaling (Llama-3.1 rotary scaling)",
