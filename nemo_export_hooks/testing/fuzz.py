@@ -27,7 +27,9 @@ Forms: ``gpt`` (``GPTModel``; for ``qwen3_next`` / ``qwen3_5_moe_text`` the
 ``HybridModel``: a transformer as ``*E*E`` / ``*-*-``, Qwen3-Next as ``GE*E...``) and ``mamba``
 (``MambaModel``, NemotronH).  Hybrid stacks are drawn without Mamba layers ``M``: their Megatron
 forward needs mamba_ssm's CUDA kernels.  :func:`available` says which (arch, form) the installed
-megatron-core / transformers can build and load.
+megatron-core / transformers can build and load.  Known gap: megatron-core 0.19 refuses the local
+MLA spec without q-LoRA (``q_lora_rank=None``), so those deepseek_v3 draws are ``invalid`` there
+(they build and are checked on 0.15.3).
 
 Command line (``make fuzz``)::
 
