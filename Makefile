@@ -18,9 +18,9 @@ STAMP_VLLM := $(VENV_VLLM)/.installed
 VENV_MC19 := .venv-mcore19
 STAMP_MC19 := $(VENV_MC19)/.installed
 MC19_TESTS := $(NEXT_TESTS) tests/test_mcore19_layouts.py tests/test_quant_export.py tests/test_quant_glm4_moe.py tests/test_quant_pack.py tests/test_distributed.py \
-              tests/test_qwen3_next.py tests/test_qwen3_5_moe.py tests/test_quant_qwen3_next.py
+              tests/test_qwen3_next.py tests/test_qwen3_5_moe.py tests/test_quant_qwen3_next.py tests/test_fuzz.py
 
-.PHONY: venv demo test test-next bench clean test-vllm test-mcore19 test-wheel
+.PHONY: venv demo test test-next bench clean test-vllm test-mcore19 test-wheel fuzz
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -109,6 +109,20 @@ $(STAMP_BENCH): $(STAMP) pyproject.toml constraints.txt
 	touch $(STAMP_BENCH)
 
 bench: $(STAMP_BENCH)
+
+# The config fuzzer (nemo_export_hooks/testing/fuzz.py) on demand: FUZZ_N draws per (arch, form)
+# from seed FUZZ_START, on megatron-core 0.15.3 (GPTModel forms) and 0.19.2 (every form); failures
+# are printed as configs that reproduce them.  FUZZ_ARGS passes more options (--arch, --form).
+FUZZ_N ?= 20
+FUZZ_START ?= 1000
+FUZZ_ARGS ?=
+fuzz: $(STAMP) $(STAMP_MC19)
+	rc=0; \
+	$(VPY) -m nemo_export_hooks.testing.fuzz --quiet --n $(FUZZ_N) --start $(FUZZ_START) $(FUZZ_ARGS) || rc=1; \
+	$(VENV_MC19)/bin/python -m nemo_export_hooks.testing.fuzz --quiet --n $(FUZZ_N) --start $(FUZZ_START) $(FUZZ_ARGS) || rc=1; \
+	exit $$rc
+
+bench: $(STAMP)
 	$(VPY) bench/run_all.py
 
 clean:

@@ -127,11 +127,15 @@ def rotary_attrs(model: torch.nn.Module) -> tuple[float, float]:
     if base is not None:
         return float(base), float(getattr(model, "rotary_percent", 1.0))
     inv = getattr(getattr(model, "rotary_pos_emb", None), "inv_freq", None)
-    if not isinstance(inv, torch.Tensor) or inv.numel() < 2:
+    if not isinstance(inv, torch.Tensor) or inv.numel() == 0:
         return 10000.0, float(getattr(model, "rotary_percent", 1.0))
     inv = inv.detach().float().cpu()
     dim = 2 * inv.numel()
     kv = model.config.kv_channels or model.config.hidden_size // model.config.num_attention_heads
+    if inv.numel() == 1:
+        # two rotary dims: the one frequency is base ** 0 == 1 whatever the base, so any base
+        # computes the same; the fraction is still 2 / kv (not 1.0: found by the config fuzzer)
+        return 10000.0, dim / kv
     est = float(inv[-1].double() ** (-dim / (dim - 2)))
     for cand in (float(round(est)), est):
         again = 1.0 / (cand ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))

@@ -127,6 +127,8 @@ class TinySpec:
     # set on the built TransformerConfig: fields GPTModel reads that older megatron-core's
     # config lacks (0.15's GPTModel(position_embedding_type="yarn") reads yarn_* this way)
     config_attrs: dict = field(default_factory=dict)
+    # further GPTModel constructor arguments (e.g. rope_scaling=True, rope_scaling_factor=8.0)
+    model_kwargs: dict = field(default_factory=dict)
 
 
 def _activation(name: str):
@@ -240,6 +242,7 @@ def build_gpt(spec: TinySpec | None = None, seed: int = 1234, pre_process=True, 
         rotary_base=spec.rotary_base,
         rotary_percent=spec.rotary_percent,
         **kwargs,
+        **spec.model_kwargs,
     )
     _randomise_norms_and_biases(model, seed)
     return model
