@@ -155,3 +155,28 @@ def test_two_rotary_dims_in_a_hybrid_model(mcore, quiet_transformers, tmp_path):
     assert rotary_attrs(fuzz.build(TWO_ROTARY_DIMS))[1] == 0.25
     o = fuzz.run_config(TWO_ROTARY_DIMS, tmp_path)
     assert o.kind == "matched", o.line()
+
+
+# -- the classes the fuzzer found, each fixed or refused by name (issue 21) ----------------------
+# (arch, form, seed) of a draw that exported silently wrong before the fix; what it must be now,
+# and for a refusal the words that name the cause.
+FOUND = [
+    ("deepseek_v3", "gpt", 3002, "matched", None),  # group-limited routing, negative expert bias (was 1.12 off)
+    ("qwen3", "gpt", 3013, "refused", "rope_scaling"),  # Llama-3.1 rope scaling (was 0.108 off)
+    ("nemotron_h", "mamba", 3009, "refused", "share_embeddings_and_output_weights"),  # tied: random lm_head in HF
+    ("qwen3_next", "hybrid", 3005, "refused", "full-attention layer"),  # GEGEGE: transformers' forward raised
+]
+
+
+@pytest.mark.parametrize("arch,form,seed,want,words", FOUND, ids=[f"{a}-{f}-{s}" for a, f, s, _, _ in FOUND])
+def test_found_classes_are_fixed_or_refused(mcore, quiet_transformers, tmp_path, arch, form, seed, want, words):
+    ok, why = fuzz.available(arch, form)
+    if not ok:
+        pytest.skip(why)
+    c = fuzz.draw(arch, form, seed)
+    o = fuzz.run_config(c, tmp_path)
+    if o.kind == "invalid":
+        pytest.skip(f"megatron-core {o.detail}")
+    assert o.kind == want, f"{o.line()}\nreproduce with:\n{fuzz.reproducer(c)}"
+    if words:
+        assert words in o.detail, o.detail

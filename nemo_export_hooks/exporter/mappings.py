@@ -199,6 +199,27 @@ def _zero_centred(info) -> bool:
 ZERO_CENTRED_NORM = ValueTransform("zero-centred norm weight + 1", lambda t: (t.float() + 1).to(t.dtype), when=_zero_centred)
 
 
+def _group_limited(info) -> bool:
+    c = info.config
+    groups = getattr(c, "moe_router_num_groups", None)
+    return bool(groups) and getattr(c, "moe_router_group_topk", None) not in (None, groups)
+
+
+def _shift_nonnegative(t: torch.Tensor) -> torch.Tensor:
+    low = t.min()
+    return t - low if bool(low < 0) else t
+
+
+# Group-limited sigmoid routing (DeepSeek-V3, GLM-4.5): the expert bias only ranks experts (the
+# gating weights use the unbiased scores), and adding one constant to every expert's bias ranks
+# groups (sum of their top-2) and experts exactly as before.  transformers masks the experts of
+# unchosen groups with 0.0 where Megatron uses -inf, so a chosen expert whose score + bias is
+# negative would lose to a masked one there; shifting the bias to >= 0 (sigmoid scores are > 0)
+# makes transformers route as Megatron does.  (Found by the config fuzzer, issue 21.)
+NONNEGATIVE_GROUPED_EXPERT_BIAS = ValueTransform(
+    "expert bias shifted to >= 0 (group-limited routing)", _shift_nonnegative, when=_group_limited)
+
+
 @dataclass(frozen=True)
 class ExpertStack:
     """All of a layer's routed experts in one HF tensor (gpt-oss ``mlp.experts.gate_up_proj``

@@ -234,6 +234,10 @@ def check_llama_family(info: ModelInfo, model_type: str, qk_norm: bool | None) -
     require(activation_name(c) == "silu", f"{model_type} needs SiLU, the model uses {activation_name(c)}")
     require(info.attrs.position_embedding_type == "rope", f"{model_type} needs rotary embeddings")
     require(info.attrs.rotary_percent == 1.0, f"{model_type} needs rotary_percent=1.0")
+    # GPTModel(rope_scaling=True): Llama-3.1 frequency scaling, not written to config.json
+    # (found by the config fuzzer, issue 21)
+    require(not info.attrs.rope_scaling,
+            f"{model_type} export writes no rope scaling; the model uses GPTModel(rope_scaling=True) (Llama-3.1 scaling)")
     require(not getattr(c, "multi_latent_attention", False), f"{model_type} has no multi-latent attention")
     if qk_norm is not None:
         require(

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 
+from .. import mappings as mk
 from .. import semantics as sem
 from . import rule
 from .base import (
@@ -85,7 +86,7 @@ MLA_ATTENTION = {
 
 MOE = {
     "mlp.router.weight": R("mlp.gate.weight"),
-    "mlp.router.expert_bias": R("mlp.gate.e_score_correction_bias"),  # kept float32 (Job.keep_fp32)
+    "mlp.router.expert_bias": R("mlp.gate.e_score_correction_bias").then(mk.NONNEGATIVE_GROUPED_EXPERT_BIAS),  # kept float32 (Job.keep_fp32)
     "mlp.shared_experts.linear_fc1.weight": GLU("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
     "mlp.shared_experts.linear_fc2.weight": R("mlp.shared_experts.down_proj.weight"),
 }

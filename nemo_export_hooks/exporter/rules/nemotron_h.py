@@ -141,6 +141,11 @@ def _check(info: ModelInfo) -> None:
         "hybrid_override_pattern); the model has no hybrid stack",
     )
     require(c.normalization == "RMSNorm", f"{m} needs RMSNorm, the model uses {c.normalization}")
+    # transformers' NemotronH never ties lm_head to the embeddings (_tied_weights_keys = {}):
+    # a tied export would load with a random head (found by the config fuzzer, issue 21)
+    require(not info.attrs.tie_word_embeddings,
+            f"{m} has its own lm_head (transformers' NemotronH does not tie it); the model has "
+            f"share_embeddings_and_output_weights=True")
     require(not getattr(c, "layernorm_zero_centered_gamma", False), f"{m} has no zero-centred norm weights (layernorm_zero_centered_gamma=True)")
     require(not c.gated_linear_unit, f"{m} MLPs and experts are not gated (up/down only); the model has gated_linear_unit=True")
     activation_name(c)  # raises on an activation HF cannot name

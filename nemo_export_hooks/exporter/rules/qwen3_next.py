@@ -238,6 +238,11 @@ def hf_layer_types(info: ModelInfo, m: str = MODEL_TYPE) -> list[str]:
 def check_family(info: ModelInfo, m: str) -> None:
     """Everything Qwen3-Next and Qwen3.5-MoE share (``m`` names the arch in messages)."""
     c, a = info.config, info.attrs
+    # transformers 5.23's forward fails without a full-attention layer (its cache asks one for
+    # the sequence length); found by the config fuzzer (issue 21)
+    require("full_attention" in hf_layer_types(info, m),
+            f"{m} needs at least one full-attention layer (transformers' cache reads the sequence length from one); "
+            f"the model has only Gated DeltaNet layers")
     require(c.normalization == "RMSNorm", f"{m} needs RMSNorm, the model uses {c.normalization}")
     require(c.gated_linear_unit, f"{m} needs a gated MLP (gated_linear_unit=True)")
     require(activation_name(c) == "silu", f"{m} needs SiLU (its MLPs, the DeltaNet conv and gated norm), the model uses {activation_name(c)}")
