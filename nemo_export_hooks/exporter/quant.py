@@ -1,5 +1,11 @@
 """ModelOpt quantizer state -> packed weights, scales and the quantization config files.
 
+Each format is one :class:`QuantFormat` (at the end of this module) registered with
+:func:`register_format`: how its quantizers look, how a weight is packed, the tensors and
+config entries that gives, the planning-time checks.  The planner, the executor, the HF name
+check and config validation ask the registry, so a new format touches this module and its
+tests only.
+
 The output is ModelOpt's *unified Hugging Face checkpoint* format, which vLLM
 (``vllm/model_executor/layers/quantization/modelopt.py``: ``ModelOptFp8Config`` /
 ``ModelOptNvFp4Config``) and TensorRT-LLM load:
