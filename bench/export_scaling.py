@@ -74,7 +74,7 @@ def time_phases() -> dict:
         setattr(mod, name, timed)
 
     wrap(api, "prepare_export", "plan")
-    wrap(api, "_check_names", "hf_key_check")
+    wrap(api, "check_names", "hf_key_check")  # hf_names.check_names, as api calls it
     wrap(writer, "finalize_shards", "commit")
     wrap(publish, "write_manifest", "commit")
     wrap(publish, "publish", "commit")

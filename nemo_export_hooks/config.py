@@ -202,8 +202,12 @@ class ExportConfig:
             parse_size(_size_value(self.max_shard_size))
         except ValueError as e:
             p.append(f"max_shard_size: {e}")
-        if self.expect_quant is not None and str(self.expect_quant).upper() not in ("FP8", "NVFP4"):
-            p.append(f"expect_quant must be 'FP8', 'NVFP4' or null, got {self.expect_quant!r}")
+        if self.expect_quant is not None:
+            from .exporter.quant import format_names  # the registry of formats (one place per format)
+
+            names = format_names()
+            if str(self.expect_quant).upper() not in names:
+                p.append(f"expect_quant must be {', '.join(map(repr, names))} or null, got {self.expect_quant!r}")
         if not isinstance(self.hf_config_overrides, Mapping):
             p.append(f"hf_config_overrides must be a mapping, got {type(self.hf_config_overrides).__name__}")
         else:

@@ -90,24 +90,12 @@ def convert(job: Job, full: torch.Tensor, spec, dtype: torch.dtype, shape) -> It
         yield target, (t if t.dtype == out_dtype else t.to(out_dtype)).contiguous()
 
 
-def _full_shape(job: Job) -> list[int]:
+def full_shape(job: Job) -> list[int]:
+    """The job's tensor shape after the tensor-parallel gather (from the plan, no data)."""
     shape = list(job.tensor.shape)
     if job.tp_dim is not None and job.group.size > 1:
         shape[job.tp_dim % len(shape)] *= job.group.size
     return shape
-
-
-def _packed_specs(algo: str, shape: list[int], with_input: bool) -> list[tuple[str, torch.dtype, list[int]]]:
-    """What ``quant.pack_weight`` returns for a weight of ``shape``, in its dict order."""
-    if algo == "NVFP4":
-        rows, cols = shape  # pack_weight raises for other ranks; planning checked the tiling
-        out = [("weight", torch.uint8, [rows, cols // 2]), ("weight_scale", torch.float8_e4m3fn, [rows, cols // 16]),
-               ("weight_scale_2", torch.float32, [])]
-    else:
-        out = [("weight", torch.float8_e4m3fn, shape), ("weight_scale", torch.float32, [])]
-    if with_input:
-        out.append(("input_scale", torch.float32, []))
-    return out
 
 
 def describe(plan: ExportPlan, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -118,12 +106,14 @@ def describe(plan: ExportPlan, dtype: torch.dtype) -> list[tuple[str, torch.dtyp
     for job in plan.jobs:
         if not job.owner:
             continue
-        full = _full_shape(job)
+        full = full_shape(job)
         rows = full[0]
         row_plan = job.kind(job.targets, rows, shape)
         spec = _read_spec(job)
         if spec is not None:
-            packed = _packed_specs(spec.algo, full, spec.input_amax is not None)
+            from . import quant
+
+            packed = quant.tensor_specs(spec, full)
             for target, idx in row_plan:
                 n = rows if idx is None else idx.numel()
                 base = target[: -len(".weight")]

@@ -180,7 +180,7 @@ def hf_model_class(cfg: dict):
     """The ``transformers`` class named by ``cfg["architectures"]`` (None if transformers is
     missing); ``ValueError`` if transformers has no such class.  Importing it is not safe
     beside another thread's imports (transformers' lazy modules): call it on the thread that
-    imports, before handing the build to another (``api.NameCheck`` does)."""
+    imports, before handing the build to another (``hf_names.NameCheck`` does)."""
     try:
         import transformers
     except ImportError:  # pragma: no cover - optional dependency

@@ -1,5 +1,11 @@
 """ModelOpt quantizer state -> packed weights, scales and the quantization config files.
 
+Each format is one :class:`QuantFormat` (at the end of this module) registered with
+:func:`register_format`: how its quantizers look, how a weight is packed, the tensors and
+config entries that gives, the planning-time checks.  The planner, the executor, the HF name
+check and config validation ask the registry, so a new format touches this module and its
+tests only.
+
 The output is ModelOpt's *unified Hugging Face checkpoint* format, which vLLM
 (``vllm/model_executor/layers/quantization/modelopt.py``: ``ModelOptFp8Config`` /
 ``ModelOptNvFp4Config``) and TensorRT-LLM load:
@@ -36,23 +42,31 @@ max, as one HF tensor can only have one global scale.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
 __all__ = [
+    "QuantFormat",
     "QuantSpec",
+    "register_format",
+    "unregister_format",
+    "get_format",
+    "format_names",
+    "tensor_suffixes",
+    "tensor_specs",
+    "check_packable",
+    "logical_weight_shape",
     "read_quant_spec",
     "pack_weight",
     "split_packed_rows",
     "quant_config_files",
-    "SUPPORTED_ALGOS",
     "NVFP4_BLOCK_SIZE",
 ]
 
-SUPPORTED_ALGOS = ("FP8", "NVFP4")
 NVFP4_BLOCK_SIZE = 16
 _E4M3_MAX = 448.0
 _E2M1_MAX = 6.0
@@ -61,8 +75,6 @@ _NVFP4_GLOBAL_DIV = _E2M1_MAX * _E4M3_MAX  # 2688.0, exactly as ModelOpt's E2M1_
 # the plain division matches ModelOpt's FP8 fake-quant kernel exactly.
 _NVFP4_GLOBAL_RECIP = torch.tensor(1.0 / _NVFP4_GLOBAL_DIV, dtype=torch.float32)
 _E4M3_MIN_SUBNORMAL = 2.0**-9
-_FP8_CFG_HINT = "mtq.FP8_DEFAULT_CFG (FP8 per-tensor)"
-_NVFP4_CFG_HINT = "mtq.NVFP4_DEFAULT_CFG (NVFP4, 16-element blocks)"
 
 
 @dataclass
@@ -77,7 +89,7 @@ class QuantSpec:
     written then).
     """
 
-    algo: str  # "FP8" or "NVFP4"
+    algo: str  # a registered QuantFormat's name: "FP8", "NVFP4"
     weight_amax: torch.Tensor
     input_amax: Optional[torch.Tensor]
     block_size: int = NVFP4_BLOCK_SIZE
@@ -187,10 +199,16 @@ def _label(q: Any) -> str:
     return f"num_bits={nb}"
 
 
+def _supported() -> str:
+    """The registered formats' recipes, for error messages: "A and B", "A, B and C"."""
+    recipes = [f.recipe for f in _FORMATS.values()]
+    return recipes[0] if len(recipes) == 1 else ", ".join(recipes[:-1]) + " and " + recipes[-1]
+
+
 def _unsupported(where: str, what: str, q: Any) -> ValueError:
     return ValueError(
         f"{where}: unsupported quantization format {what} ({_fmt_desc(q)}); "
-        f"the exporter supports {_FP8_CFG_HINT} and {_NVFP4_CFG_HINT}"
+        f"the exporter supports {_supported()}"
     )
 
 
@@ -228,61 +246,32 @@ def _classify_weight(wq: Any, where: str) -> str:
         if isinstance(wq, torch.nn.Sequential):
             raise ValueError(
                 f"{where}: unsupported quantization format: the weight quantizer is a sequential "
-                f"multi-stage quantizer ({kind}, e.g. W4A8_AWQ); the exporter supports "
-                f"{_FP8_CFG_HINT} and {_NVFP4_CFG_HINT}"
+                f"multi-stage quantizer ({kind}, e.g. W4A8_AWQ); the exporter supports {_supported()}"
             )
         raise ValueError(f"{where}: weight_quantizer of type {kind} is not a recognised quantizer")
-    nb = _norm_bits(wq.num_bits)
-    bs = _norm_block_sizes(wq.block_sizes)
-    axis = getattr(wq, "axis", None)
-    if nb == (4, 3):
-        if bs is None and axis is None:
-            return "FP8"
-        raise _unsupported(where, _label(wq), wq)
-    if nb == (2, 1) and bs is not None:
-        scale_bits = _norm_bits(bs.get("scale_bits"))
-        static = getattr(wq, "_global_amax", None) is not None or getattr(wq, "global_amax", None) is not None
-        if (
-            bs.get("type") == "dynamic"
-            and scale_bits == (4, 3)
-            and _block_of_last_dim(bs) == NVFP4_BLOCK_SIZE
-            and not bs.get("four_over_six", False)
-            and not static
-        ):
-            return "NVFP4"
+    for fmt in _FORMATS.values():
+        if fmt.weight_matches(wq):
+            return fmt.name
     raise _unsupported(where, _label(wq), wq)
 
 
 def _check_input_format(iq: Any, algo: str, where: str) -> None:
+    fmt = get_format(algo)
     if iq is None or not _is_enabled(iq):
-        name = "W4A16_NVFP4 (NVFP4 weight-only)" if algo == "NVFP4" else "FP8 weight-only"
         raise ValueError(
-            f"{where}: unsupported quantization format {name}: the input quantizer is missing or "
+            f"{where}: unsupported quantization format {fmt.weight_only}: the input quantizer is missing or "
             f"disabled, but the exported {algo} format needs a static input_scale (vLLM's ModelOpt "
-            f"{algo} method reads one); the exporter supports {_FP8_CFG_HINT} and {_NVFP4_CFG_HINT}"
+            f"{algo} method reads one); the exporter supports {_supported()}"
         )
     if not _looks_like_quantizer(iq):
         raise ValueError(f"{where}: input_quantizer of type {type(iq).__name__} is not a recognised quantizer")
-    nb = _norm_bits(iq.num_bits)
-    bs = _norm_block_sizes(iq.block_sizes)
-    ok = False
-    if algo == "FP8":
-        ok = nb == (4, 3) and bs is None and getattr(iq, "axis", None) is None
-    elif algo == "NVFP4":
-        ok = (
-            nb == (2, 1)
-            and bs is not None
-            and bs.get("type") == "dynamic"
-            and _norm_bits(bs.get("scale_bits")) == (4, 3)
-            and _block_of_last_dim(bs) == NVFP4_BLOCK_SIZE
+    if not fmt.input_matches(iq):
+        what = (fmt.input_mismatch(iq) if fmt.input_mismatch is not None else None) or (
+            f"{algo} weights with {_label(iq)} activations"
         )
-    if not ok:
-        what = f"{algo} weights with {_label(iq)} activations"
-        if algo == "NVFP4" and nb == (4, 3):
-            what = "W4A8_NVFP4_FP8 (NVFP4 weights, FP8 activations)"
         raise ValueError(
             f"{where}: unsupported quantization format {what} (input_quantizer {_fmt_desc(iq)}); "
-            f"the exporter supports {_FP8_CFG_HINT} and {_NVFP4_CFG_HINT}"
+            f"the exporter supports {_supported()}"
         )
 
 
@@ -298,7 +287,7 @@ def _raw_amax(q: Any) -> Optional[torch.Tensor]:
     return a
 
 
-def _scalar_amax(q: Any, role: str, where: str) -> torch.Tensor:
+def _scalar_amax(q: Any, role: str, where: str, algo: str) -> torch.Tensor:
     """The quantizer's amax as a validated float32 0-dim tensor (on its own device).
 
     ModelOpt's unified export only supports a scalar amax for these formats (its Megatron
@@ -319,7 +308,7 @@ def _scalar_amax(q: Any, role: str, where: str) -> torch.Tensor:
     if amax.numel() != 1:
         raise ValueError(
             f"{where}: {role} has a non-scalar amax of shape {tuple(amax.shape)} (per-channel or "
-            "per-block calibration); FP8 per-tensor / NVFP4 export needs one per-tensor amax"
+            f"per-block calibration); the {algo} export needs one per-tensor amax"
         )
     amax = amax.detach().reshape(()).float().clone()
     value = float(amax)
@@ -377,8 +366,8 @@ def read_quant_spec(linear_module: Any, module_name: str, expert_index: Optional
         iq = _select(iq, expert_index, "input_quantizer", module_name)
     _check_input_format(iq, algo, where)
     _check_extras(iq, "input_quantizer", where)
-    weight_amax = _scalar_amax(wq, "weight_quantizer", where)
-    input_amax = _scalar_amax(iq, "input_quantizer", where)
+    weight_amax = _scalar_amax(wq, "weight_quantizer", where, algo)
+    input_amax = _scalar_amax(iq, "input_quantizer", where, algo)
     return QuantSpec(
         algo=algo,
         weight_amax=weight_amax,
@@ -503,7 +492,7 @@ def pack_weight(weight: torch.Tensor, spec: Optional[QuantSpec], dtype: torch.dt
     """Pack one full (TP-gathered) ``[out, in]`` weight.
 
     ``spec is None``: ``{"weight": weight cast to dtype}`` (a fresh tensor).  Otherwise the
-    unified-checkpoint tensors described in the module docstring: FP8 -> ``weight``,
+    format's tensors (its :class:`QuantFormat`'s ``pack``), e.g. FP8 -> ``weight``,
     ``weight_scale``, ``input_scale``; NVFP4 -> ``weight``, ``weight_scale``,
     ``weight_scale_2``, ``input_scale`` (``input_scale`` only when ``spec.input_amax`` is
     known).  Scales are 0-dim float32.  Block scales are computed from this weight's own
@@ -518,11 +507,10 @@ def pack_weight(weight: torch.Tensor, spec: Optional[QuantSpec], dtype: torch.dt
         raise ValueError(f"{spec.where}: cannot quantize a {weight.dtype} weight")
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{spec.where}: weight has non-finite values; refusing to quantize it")
-    if spec.algo == "FP8":
-        return _pack_fp8(weight, spec)
-    if spec.algo == "NVFP4":
-        return _pack_nvfp4(weight, spec)
-    raise ValueError(f"{spec.where}: unknown quantization algo {spec.algo!r} (supported: {SUPPORTED_ALGOS})")
+    fmt = _FORMATS.get(spec.algo)
+    if fmt is None:
+        raise ValueError(f"{spec.where}: unknown quantization algo {spec.algo!r} (supported: {format_names()})")
+    return fmt.pack(weight, spec)
 
 
 def split_packed_rows(packed: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -554,20 +542,6 @@ def split_packed_rows(packed: dict[str, torch.Tensor], sizes: list[int]) -> list
 # ---------------------------------------------------------------------------------------
 
 
-def _config_group(algo: str) -> dict:
-    if algo == "FP8":
-        return {
-            "input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
-            "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
-            "targets": ["Linear"],
-        }
-    return {
-        "input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_BLOCK_SIZE},
-        "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_BLOCK_SIZE},
-        "targets": ["Linear"],
-    }
-
-
 def quant_config_files(algo: str, exclude_modules: list[str], producer_version: str) -> tuple[dict, dict]:
     """``(hf_quant_config.json, config.json["quantization_config"])`` for one format.
 
@@ -589,22 +563,226 @@ def quant_config_files(algo: str, exclude_modules: list[str], producer_version: 
             algo = algos[0]
         else:
             raise ValueError(f"mixed quantization formats {algos} in one model are not supported")
-    if algo not in SUPPORTED_ALGOS:
+    fmt = _FORMATS.get(algo)
+    if fmt is None:
         if algo.upper() == "MIXED_PRECISION":
             raise ValueError("mixed-precision (per-layer) quantization export is not supported")
-        raise ValueError(f"unsupported quantization algo {algo!r}; supported: {list(SUPPORTED_ALGOS)}")
+        raise ValueError(f"unsupported quantization algo {algo!r}; supported: {list(format_names())}")
     exclude = sorted(set(str(m) for m in exclude_modules))
     producer = {"name": "nemo_export_hooks", "version": str(producer_version)}
-    quantization: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": None}
-    if algo == "NVFP4":
-        quantization["group_size"] = NVFP4_BLOCK_SIZE
+    quantization: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": None, **copy.deepcopy(fmt.hf_quant_extra)}
     quantization["exclude_modules"] = exclude
     hf_quant_config = {"producer": producer, "quantization": quantization}
     quantization_config = {
-        "config_groups": {"group_0": _config_group(algo)},
+        "config_groups": {"group_0": copy.deepcopy(fmt.config_group)},
         "ignore": list(exclude),
         "quant_algo": algo,
         "producer": dict(producer),
         "quant_method": "modelopt",
     }
     return hf_quant_config, quantization_config
+
+
+# ---------------------------------------------------------------------------------------
+# formats: everything one format means, in one object, and the registry every caller asks
+# ---------------------------------------------------------------------------------------
+
+TensorSpec = tuple  # (suffix, torch dtype, shape as a list): one tensor a packed weight gives
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One export format: how its quantizers look, how a weight is packed, which tensors and
+    config entries that gives, and what planning checks.  The planner, the executor, the
+    name check, ``verify`` and config validation ask the registry (:func:`get_format`,
+    :func:`tensor_specs`, :func:`check_packable`, :func:`tensor_suffixes`,
+    :func:`format_names`, :func:`logical_weight_shape`) and never name a format, so a new
+    format is one ``QuantFormat`` passed to :func:`register_format` and its tests.
+
+    ``name``            ``quant_algo`` in ``hf_quant_config.json`` and ``quantization_config``;
+                        ``QuantSpec.algo``; a value ``ExportConfig.expect_quant`` accepts
+    ``recipe``          the quantization config that makes it (named in error messages)
+    ``weight_only``     what a model with this weight format and no input quantizer is called
+    ``weight_matches``  ``(weight quantizer) -> bool``: an enabled single quantizer has this format
+    ``input_matches``   ``(input quantizer) -> bool``: it is the one ``input_scale`` describes
+    ``pack``            ``(full [out, in] float weight, spec) -> {suffix: tensor}`` in ``specs``
+                        order; the input scale only when ``spec.input_amax`` is known
+    ``specs``           ``(full shape, with_input) -> [(suffix, dtype, shape)]``: what ``pack``
+                        returns, from the shape alone (the writer lays out its headers from it)
+    ``suffixes``        the tensors besides ``weight`` that ``pack`` writes (``<module>.<suffix>``)
+    ``config_group``    ``config.json["quantization_config"]["config_groups"]["group_0"]``
+    ``hf_quant_extra``  extra keys of ``hf_quant_config.json["quantization"]``
+    ``check_shape``     ``(full shape, spec)``: raise ``ValueError`` at planning time for a
+                        weight ``pack`` would refuse (None: every shape packs)
+    ``unpacked_shape``  ``(safetensors dtype, stored shape) -> logical shape`` for a weight this
+                        format stores packed, None otherwise (``verify`` compares logical shapes)
+    ``input_mismatch``  ``(input quantizer) -> str or None``: a better name for a refused
+                        weight/activation combination (error messages only)
+    """
+
+    name: str
+    recipe: str
+    weight_only: str
+    weight_matches: Callable[[Any], bool]
+    input_matches: Callable[[Any], bool]
+    pack: Callable[[torch.Tensor, QuantSpec], dict]
+    specs: Callable[[list, bool], list]
+    suffixes: tuple
+    config_group: dict
+    hf_quant_extra: dict = field(default_factory=dict)
+    check_shape: Optional[Callable[[list, QuantSpec], None]] = None
+    unpacked_shape: Optional[Callable[[str, tuple], Optional[tuple]]] = None
+    input_mismatch: Optional[Callable[[Any], Optional[str]]] = None
+
+
+_FORMATS: dict[str, QuantFormat] = {}
+
+
+def register_format(fmt: QuantFormat) -> QuantFormat:
+    """Add ``fmt`` to the formats the exporter recognises (in the order quantizers are matched)."""
+    if not fmt.name or fmt.name != fmt.name.upper():
+        raise ValueError(f"a quantization format's name is upper case, got {fmt.name!r}")
+    if fmt.name in _FORMATS:
+        raise ValueError(f"quantization format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def unregister_format(name: str) -> None:
+    """Remove a format added by :func:`register_format` (tests register toy formats)."""
+    _FORMATS.pop(name, None)
+
+
+def get_format(name: str) -> QuantFormat:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown quantization algo {name!r} (supported: {format_names()})") from None
+
+
+def format_names() -> tuple:
+    """The registered formats' names (what ``expect_quant`` accepts)."""
+    return tuple(_FORMATS)
+
+
+def tensor_suffixes() -> tuple:
+    """Every format's extra tensor-name endings, with their dot (``".weight_scale"``, ...): the
+    HF names a quantized export adds beside each ``<module>.weight``, which the name check
+    and ``verify`` set aside before comparing with the HF class."""
+    out: list[str] = []
+    for fmt in _FORMATS.values():
+        out.extend(f".{s}" for s in fmt.suffixes if f".{s}" not in out)
+    return tuple(out)
+
+
+def tensor_specs(spec: QuantSpec, full_shape) -> list:
+    """``[(suffix, dtype, shape)]`` that :func:`pack_weight` returns for a weight of
+    ``full_shape`` (TP-gathered) quantized as ``spec`` says, in its order, without data."""
+    return get_format(spec.algo).specs(list(full_shape), spec.input_amax is not None)
+
+
+def check_packable(spec: QuantSpec, full_shape) -> None:
+    """Planning-time shape check of a weight's TP-gathered shape (the packer checks again)."""
+    fmt = get_format(spec.algo)
+    if fmt.check_shape is not None:
+        fmt.check_shape(list(full_shape), spec)
+
+
+def logical_weight_shape(dtype: str, shape) -> tuple:
+    """The shape the HF class declares for a stored weight of safetensors ``dtype`` and
+    ``shape``: unpacked when some format stores its weights packed in that dtype (NVFP4: two
+    e2m1 values a byte), else ``shape`` itself."""
+    for fmt in _FORMATS.values():
+        if fmt.unpacked_shape is not None:
+            logical = fmt.unpacked_shape(dtype, tuple(shape))
+            if logical is not None:
+                return tuple(logical)
+    return tuple(shape)
+
+
+# FP8 per-tensor ---------------------------------------------------------------------------
+
+
+def _fp8_per_tensor(q: Any) -> bool:
+    return _norm_bits(q.num_bits) == (4, 3) and _norm_block_sizes(q.block_sizes) is None and getattr(q, "axis", None) is None
+
+
+def _fp8_specs(shape: list, with_input: bool) -> list:
+    out = [("weight", torch.float8_e4m3fn, shape), ("weight_scale", torch.float32, [])]
+    return out + [("input_scale", torch.float32, [])] if with_input else out
+
+
+FP8 = register_format(QuantFormat(
+    name="FP8",
+    recipe="mtq.FP8_DEFAULT_CFG (FP8 per-tensor)",
+    weight_only="FP8 weight-only",
+    weight_matches=_fp8_per_tensor,
+    input_matches=_fp8_per_tensor,
+    pack=_pack_fp8,
+    specs=_fp8_specs,
+    suffixes=("weight_scale", "input_scale"),
+    config_group={
+        "input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
+        "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
+        "targets": ["Linear"],
+    },
+))
+
+
+# NVFP4 ------------------------------------------------------------------------------------
+
+
+def _nvfp4_blocks(bs: Optional[dict]) -> bool:
+    """Dynamic 16-element blocks along the input dim with e4m3 block scales."""
+    return (
+        bs is not None
+        and bs.get("type") == "dynamic"
+        and _norm_bits(bs.get("scale_bits")) == (4, 3)
+        and _block_of_last_dim(bs) == NVFP4_BLOCK_SIZE
+    )
+
+
+def _nvfp4_weight(q: Any) -> bool:
+    bs = _norm_block_sizes(q.block_sizes)
+    static = getattr(q, "_global_amax", None) is not None or getattr(q, "global_amax", None) is not None
+    return _norm_bits(q.num_bits) == (2, 1) and _nvfp4_blocks(bs) and not bs.get("four_over_six", False) and not static
+
+
+def _nvfp4_input(q: Any) -> bool:
+    return _norm_bits(q.num_bits) == (2, 1) and _nvfp4_blocks(_norm_block_sizes(q.block_sizes))
+
+
+def _nvfp4_specs(shape: list, with_input: bool) -> list:
+    rows, cols = shape  # pack_weight raises for other ranks; planning checked the tiling
+    out = [
+        ("weight", torch.uint8, [rows, cols // 2]),
+        ("weight_scale", torch.float8_e4m3fn, [rows, cols // NVFP4_BLOCK_SIZE]),
+        ("weight_scale_2", torch.float32, []),
+    ]
+    return out + [("input_scale", torch.float32, [])] if with_input else out
+
+
+def _nvfp4_check_shape(shape: list, spec: QuantSpec) -> None:
+    if len(shape) == 2:
+        check_nvfp4_input_dim(shape[1], spec)
+
+
+NVFP4 = register_format(QuantFormat(
+    name="NVFP4",
+    recipe="mtq.NVFP4_DEFAULT_CFG (NVFP4, 16-element blocks)",
+    weight_only="W4A16_NVFP4 (NVFP4 weight-only)",
+    weight_matches=_nvfp4_weight,
+    input_matches=_nvfp4_input,
+    pack=_pack_nvfp4,
+    specs=_nvfp4_specs,
+    suffixes=("weight_scale", "weight_scale_2", "input_scale"),
+    config_group={
+        "input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_BLOCK_SIZE},
+        "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": NVFP4_BLOCK_SIZE},
+        "targets": ["Linear"],
+    },
+    hf_quant_extra={"group_size": NVFP4_BLOCK_SIZE},  # vLLM's ModelOptNvFp4Config requires it
+    check_shape=_nvfp4_check_shape,
+    unpacked_shape=lambda dtype, shape: (shape[0], shape[1] * 2) if dtype == "U8" and len(shape) == 2 else None,
+    input_mismatch=lambda q: "W4A8_NVFP4_FP8 (NVFP4 weights, FP8 activations)" if _norm_bits(q.num_bits) == (4, 3) else None,
+))

@@ -155,9 +155,9 @@ def run_all(ref_root: Path, out_root: Path) -> dict:
     def broken_keys(cfg):
         raise ImportError("injected: this transformers has no such model class")
 
-    from nemo_export_hooks.exporter import api
+    from nemo_export_hooks.exporter import hf_names
 
-    with patched(api, "expected_hf_shapes", broken_keys, when=rank == 0):
+    with patched(hf_names, "expected_hf_shapes", broken_keys, when=rank == 0):
         outcome = _attempt(lambda: export(chunks, "key_check_fails_on_rank0"))
     record("key_check_fails_on_rank0", outcome, {"*": "ValueError"}, {"*": ["cannot list the HF keys", "injected"]},
            root / "key_check_fails_on_rank0")
