@@ -69,6 +69,20 @@ class _Catch(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+def compare_prompt_logprobs(outputs, ids, ref) -> tuple[list[float], list[bool]]:
+    """vLLM's prompt log-probs (``prompt_logprobs=1``) against reference log-probs ``ref``
+    [batch, seq, vocab] of the same tokens: |delta| of each actual next token, and whether vLLM's
+    top-1 is the reference's argmax."""
+    diffs, top1 = [], []
+    for b, o in enumerate(outputs):
+        for i in range(1, ids.shape[1]):
+            tok = int(ids[b, i])
+            entry = o.prompt_logprobs[i]
+            diffs.append(abs(entry[tok].logprob - float(ref[b, i - 1, tok])))
+            top1.append(max(entry.items(), key=lambda kv: kv[1].logprob)[0] == int(ref[b, i - 1].argmax()))
+    return diffs, top1
+
+
 def _spec():
     import gpu_common as G
 
@@ -172,14 +186,7 @@ def run_format(fmt: str, out: Path, backend: str | None = None) -> dict:
     del llm
     torch.cuda.empty_cache()
 
-    diffs, top1 = [], []
-    for b, o in enumerate(pl):
-        for i in range(1, ids.shape[1]):
-            tok = int(ids[b, i])
-            entry = o.prompt_logprobs[i]
-            diffs.append(abs(entry[tok].logprob - float(ref[b, i - 1, tok])))
-            best = max(entry.items(), key=lambda kv: kv[1].logprob)[0]
-            top1.append(best == int(ref[b, i - 1].argmax()))
+    diffs, top1 = compare_prompt_logprobs(pl, ids, ref)
     gen_tokens = [list(g.outputs[0].token_ids) for g in gen]
     # the task: next token = perm[current]; a served model that learned it follows the permutation
     follows = sum(int(perm[s[k]]) == s[k + 1] for s in gen_tokens for k in range(len(s) - 1)) / sum(len(s) - 1 for s in gen_tokens)
@@ -260,13 +267,7 @@ def serve_export(path: Path, out: Path, backend: str | None = None) -> dict:
                        use_tqdm=False)
     del llm
     torch.cuda.empty_cache()
-    diffs, top1 = [], []
-    for b, o in enumerate(pl):
-        for i in range(1, ids.shape[1]):
-            tok = int(ids[b, i])
-            entry = o.prompt_logprobs[i]
-            diffs.append(abs(entry[tok].logprob - float(ref[b, i - 1, tok])))
-            top1.append(max(entry.items(), key=lambda kv: kv[1].logprob)[0] == int(ref[b, i - 1].argmax()))
+    diffs, top1 = compare_prompt_logprobs(pl, ids, ref)
     r = dict(served=str(path), fmt=fmt, moe_backend=backend or MOE_BACKEND[fmt], vllm_load_s=round(load_s, 1),
              mean_abs_dlogprob=sum(diffs) / len(diffs), max_abs_dlogprob=max(diffs),
              top1_agreement=sum(top1) / len(top1), ref_logprob_std=float(ref.std()),
