@@ -8,7 +8,8 @@ tests only.
 
 The output is ModelOpt's *unified Hugging Face checkpoint* format, which vLLM
 (``vllm/model_executor/layers/quantization/modelopt.py``: ``ModelOptFp8Config`` /
-``ModelOptNvFp4Config``) and TensorRT-LLM load:
+``ModelOptNvFp4Config``) loads (served on an H200 with vLLM 0.26, docs/GPU.md; TensorRT-LLM
+reads the same format but is untested here):
 
 FP8 (per-tensor, ``mtq.FP8_DEFAULT_CFG``)
     ``weight``          float8_e4m3fn ``[out, in]`` = ``clamp(w / weight_scale, +-448)``
