@@ -45,6 +45,8 @@ from pathlib import Path
 from string import Formatter
 from typing import Any, Dict, Mapping, Optional
 
+from .store.layout import RESERVED_NAMES, STAGING_OVERHEAD
+
 __all__ = [
     "ExportConfig",
     "PLACEMENTS",
@@ -65,7 +67,6 @@ ON_BUSY = ("skip", "wait")
 TEMPLATE_FIELDS = ("checkpoint", "step", "epoch")
 HF_SUFFIX = "-hf"
 HF_SUBDIR = "hf"
-_RESERVED_NAMES = ("latest", "latest.txt")
 
 
 @dataclass
@@ -183,25 +184,8 @@ class ExportConfig:
             return p
         if not self.arch:
             p.append("arch is required (the Hugging Face model_type to write, e.g. 'qwen3_moe')")
-        else:
-            try:
-                from .exporter.rules import get_rule
-
-                get_rule(self.arch)
-            except ValueError as e:
-                p.append(str(e))
-        try:
-            from .exporter.api import resolve_dtype
-
-            resolve_dtype(self.dtype)
-        except ValueError as e:
-            p.append(f"dtype: {e}")
-        try:
-            from .exporter.writer import parse_size
-
-            parse_size(_size_value(self.max_shard_size))
-        except ValueError as e:
-            p.append(f"max_shard_size: {e}")
+        for check in _CHECKS:  # what only the exporter knows (arch, dtype, sizes): see add_check
+            p.extend(check(self))
         if self.expect_quant is not None and str(self.expect_quant).upper() not in ("FP8", "NVFP4"):
             p.append(f"expect_quant must be 'FP8', 'NVFP4' or null, got {self.expect_quant!r}")
         if not isinstance(self.hf_config_overrides, Mapping):
@@ -283,9 +267,24 @@ _TOKENIZER_FILES = (
 )
 
 
-def _size_value(v):
+def size_value(v):
+    """``max_shard_size`` as the size parser takes it: digits become an int."""
     s = str(v).strip()
     return int(s) if s.isdigit() else s
+
+
+# Checks of an ExportConfig that need knowledge from below the schema (the exporter's
+# architectures, dtypes and size syntax).  The schema imports nothing from the exporter;
+# the package registers them (``nemo_export_hooks/__init__.py``, from
+# :mod:`nemo_export_hooks.config_checks`), so every import of the package has them.
+_CHECKS: list = []
+
+
+def add_check(check) -> None:
+    """Register ``check(config) -> list[str]`` (problems), run by
+    :meth:`ExportConfig.problems` for an enabled config; registering twice is a no-op."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
 
 
 BOOL_OPTIONS = ("enabled", "on_checkpoint_save", "at_train_end", "async_write", "update_latest", "fail_on_error", "log_metrics")
@@ -325,9 +324,6 @@ def _tokenizer_saver(tok: Any):
     return None
 
 
-# The longest name made from an export's name: its hidden staging sibling
-# ``.{name}.staging-{8 hex}`` (publish.staging_name); it must fit the file system too.
-_STAGING_OVERHEAD = len(".") + len(".staging-") + 8
 
 
 def name_max(directory: Any = None) -> int:
@@ -412,7 +408,7 @@ def _check_component(name: str, template: str, limit: int = 255) -> None:
         why = "it is the export directory itself"
     elif name.startswith("."):
         why = "hidden names are reserved for staging directories"
-    elif name in _RESERVED_NAMES:
+    elif name in RESERVED_NAMES:
         why = f"{name!r} is reserved for the latest-export pointer"
     else:
         try:
@@ -420,11 +416,11 @@ def _check_component(name: str, template: str, limit: int = 255) -> None:
         except UnicodeError:
             why = "it cannot be encoded as a file name on this system"
         else:
-            if n + _STAGING_OVERHEAD > limit:
+            if n + STAGING_OVERHEAD > limit:
                 why = (
                     f"it renders to a name of {n} bytes ({name[:40]!r}...); with its staging name "
-                    f"(.NAME.staging-XXXXXXXX, {_STAGING_OVERHEAD} bytes more) that exceeds the file system's "
-                    f"limit of {limit} bytes per name (at most {limit - _STAGING_OVERHEAD})"
+                    f"(.NAME.staging-XXXXXXXX, {STAGING_OVERHEAD} bytes more) that exceeds the file system's "
+                    f"limit of {limit} bytes per name (at most {limit - STAGING_OVERHEAD})"
                 )
     if why:
         raise ValueError(f"filename {template!r} is rejected: {why}")

@@ -17,7 +17,7 @@ scheduler decides the rest:
 * **resume**: exports that were planned or in flight when the resumed checkpoint was
   written are found, redone from the restored weights, or reported lost; exports of the same
   run lineage (``run_id``) made after that checkpoint are replaced;
-* **refusals** (:mod:`.targets`), decided by rank 0 before any collective gather starts.
+* **refusals** (:mod:`.store.commit`), decided by rank 0 before any collective gather starts.
 
 Every collective goes through :class:`~.exporter.parallel.ControlPlane`; this module does
 not import ``torch.distributed``.
@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from .config import ExportConfig
-from .targets import ExportRefusedError, check_target, inside_its_checkpoint, remove_staging_of, same_lineage
+from .store.commit import ExportRefusedError, check_target_dir, inside_its_checkpoint, remove_staging_of, same_lineage
+from .store.manifest import ownership
 
 __all__ = ["ExportScheduler", "Host", "Request", "Job", "RunResults", "STATE_VERSION"]
 
@@ -380,7 +381,7 @@ class ExportScheduler:
         # nothing is gathered, copied or written for an export that cannot be published.
         if self.rank == 0:
             try:
-                check_target(req.path, req.checkpoint, owned, run_id=self.run_id, allow_inside=self.allow_inside)
+                check_target_dir(req.path, req.checkpoint, owned, run_id=self.run_id, allow_inside=self.allow_inside)
                 replace = str(req.path) in owned or same_lineage(req.path, self.run_id or "")
             except Exception as e:
                 err = e
@@ -439,7 +440,7 @@ class ExportScheduler:
                 req.path,
                 tokenizer=self.tokenizer,
                 max_shard_size=_size(cfg.max_shard_size),
-                # Replace only an export this run (lineage) made: check_target refused the
+                # Replace only an export this run (lineage) made: check_target_dir refused the
                 # rest, and this closes the race with another run creating the directory
                 # meanwhile.  Publish also checks the manifest: never a non-export.
                 overwrite=replace,
@@ -457,7 +458,7 @@ class ExportScheduler:
         finally:
             tensors = None  # drop the host copy as soon as it is written
         if self.rank == 0:
-            from .publish import apply_retention, update_latest
+            from .store.commit import apply_retention, update_latest
 
             job.phase = f"published at {req.path} and is updating the latest pointer"
             if cfg.update_latest and not self.allow_inside:
@@ -569,17 +570,15 @@ class ExportScheduler:
         """Exports that were planned or in flight when the resumed checkpoint was written:
         ``found`` (completed before the restart), ``redo`` (its step is the one training
         resumes from: exported again from the restored weights) or ``lost``."""
-        from .publish import read_manifest
-
         pending, self.resume_pending = self.resume_pending, []
         decisions = []
         if self.rank == 0:
             for rec in pending:
                 s, path = int(rec["step"]), Path(rec["path"])
-                m = read_manifest(path)
+                own = ownership(path)
                 if s in self.done_steps:
                     decisions.append("done")
-                elif m is not None and m.get("step") == s and (m.get("producer") or {}).get("name") == "nemo-export-hooks":
+                elif own.ours and own.step == s:
                     decisions.append("found")
                 elif s == step:
                     decisions.append("redo")

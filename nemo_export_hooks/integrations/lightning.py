@@ -18,7 +18,7 @@ Triggers
     * ``at_train_end``: the final weights, in ``on_train_end``.
 
 Async writes, resume, refusals: see :mod:`nemo_export_hooks.scheduler` and
-:mod:`nemo_export_hooks.targets`.  The scheduler's state (steps exported, exports made, the
+:mod:`nemo_export_hooks.store.commit`.  The scheduler's state (steps exported, exports made, the
 run lineage's ``run_id``, exports pending at save time) is this callback's ``state_dict``,
 saved inside every training checkpoint.
 
@@ -51,7 +51,7 @@ except ModuleNotFoundError as _no_lightning:
 
 from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
 from ..scheduler import ExportScheduler, Request, RunResults
-from ..targets import ExportRefusedError, check_writable, refuse_inside_checkpoint
+from ..store.commit import ExportRefusedError, check_writable, refuse_inside_checkpoint
 from . import export_node
 
 __all__ = ["HFExportCallback", "callbacks_from_cfg", "ExportConfig", "ExportRefusedError"]
@@ -243,7 +243,7 @@ class HFExportCallback(RunResults, Callback):
             refuse_inside_checkpoint(d)
             check_writable(d)
         if trainer.is_global_zero:
-            from ..publish import clean_stale_staging
+            from ..store.commit import clean_stale_staging
 
             for d in dirs:
                 for p in clean_stale_staging(d):

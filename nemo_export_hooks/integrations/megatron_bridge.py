@@ -63,7 +63,8 @@ import json
 
 from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
 from ..scheduler import ExportScheduler, Request, RunResults
-from ..targets import check_writable, refuse_inside_checkpoint
+from ..store.commit import check_writable, refuse_inside_checkpoint
+from ..store.manifest import ownership
 
 try:  # the real base class where Megatron-Bridge is installed (Python 3.12, CUDA)
     from megatron.bridge.training.callbacks import Callback as _BridgeCallback
@@ -323,8 +324,6 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             log.info("hf_export: resumed at iteration %d: its export %s exists; continuing run %s", step, data["path"], data["run_id"])
 
     def _find_run_state(self, context, step: int) -> Optional[tuple]:
-        from ..publish import read_manifest
-
         ck = context.state.cfg.checkpoint
         dirs = [d for d in (getattr(ck, "load", None), getattr(ck, "save", None)) if d]
         for d in dirs:
@@ -337,9 +336,9 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
                     continue
                 return ("state", data)
         path = self._target(context, step, str(checkpoint_name(ck.save, step)))
-        m = read_manifest(path) or {}
-        if (m.get("producer") or {}).get("name") == "nemo-export-hooks" and m.get("step") == step and m.get("run_id"):
-            return ("manifest", {"run_id": str(m["run_id"]), "path": str(path)})
+        own = ownership(path)
+        if own.ours and own.step == step and own.run_id:
+            return ("manifest", {"run_id": str(own.run_id), "path": str(path)})
         return None
 
     def _save_run_state(self, ckpt: Path, n: int) -> None:
@@ -357,10 +356,10 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         if not ckpt.is_dir():  # rotated away already: never re-create a checkpoint directory
             log.warning("hf_export: could not save the export state of iteration %d: %s no longer exists", n, ckpt)
             return
-        from ..publish import _atomic_write_text
+        from ..store.fs import atomic_write_text
 
         try:
-            _atomic_write_text(ckpt / STATE_NAME, json.dumps(st, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(ckpt / STATE_NAME, json.dumps(st, indent=1, sort_keys=True) + "\n")
         except OSError as e:
             log.warning("hf_export: could not save the export state of iteration %d in its checkpoint: %s", n, e)
 
@@ -368,7 +367,8 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         """Rank 0: iteration ``n`` is being saved (again): an export of ours already inside
         ``iter_n/`` was made from an earlier save of ``n`` (a discarded run's weights), so it
         is removed before anything else (the new export, if it succeeds, takes its place)."""
-        from ..publish import _remove_tree, is_our_export
+        from ..store.fs import remove_tree
+        from ..store.manifest import is_our_export
 
         sch = self.scheduler
         if sch.rank != 0 or not self._inside() or n in sch.done_steps:
@@ -387,7 +387,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             log.warning("hf_export: %s is not an export of ours; it was left alone, although iteration %d was saved again", path, n)
             return
         try:
-            _remove_tree(path)
+            remove_tree(path)
         except OSError as e:
             log.warning("hf_export: could not remove %s, made from an earlier save of iteration %d: %s", path, n, e)
             return
@@ -410,7 +410,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
 
     @staticmethod
     def _clean_stale_staging(save: Optional[Path], dirpath: Optional[Path] = None) -> None:
-        from ..publish import clean_stale_staging
+        from ..store.commit import clean_stale_staging
 
         dirs = []
         if save is not None and save.is_dir():
