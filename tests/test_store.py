@@ -119,6 +119,13 @@ def test_config_imports_no_exporter_nor_adapter():
     assert _offences(mods, lambda m: not _under(m, *bad)) == []
 
 
+def test_placement_imports_only_the_store():
+    """Path policy sits between the config schema (which reads its name checks) and the
+    store: it imports neither the config, the scheduler, the adapters nor the exporter."""
+    mods = {PKG / "placement.py": _imports(PKG / "placement.py")}
+    assert _offences(mods, lambda m: _under(m, "nemo_export_hooks.store")) == []
+
+
 def test_exporter_imports_only_itself_the_store_and_the_version():
     """No exporter module imports the package ``__init__`` (for the version or anything
     else), the config, the scheduler or an adapter."""

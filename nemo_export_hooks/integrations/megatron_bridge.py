@@ -61,7 +61,8 @@ from typing import Any, Optional
 
 import json
 
-from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
+from ..config import ExportConfig
+from ..placement import BRIDGE, HF_SUBDIR, Placement
 from ..scheduler import ExportScheduler, Request, RunResults
 from ..store.commit import check_writable, refuse_inside_checkpoint
 from ..store.manifest import ownership
@@ -171,6 +172,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         if tokenizer is not None:
             overrides["tokenizer"] = tokenizer
         self.config = ExportConfig.from_any(config, **overrides).validate()
+        self.placement = Placement(self.config, BRIDGE)
         self._host = _BridgeHost()
         self.scheduler = ExportScheduler(self.config, self._host, allow_inside=self._inside())
 
@@ -266,38 +268,20 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         return bool(getattr(ck, "async_save", False) and getattr(ck, "save", None) and interval and k > 0 and k % int(interval) == 0)
 
     def _placement(self) -> str:
-        p = self.config.placement
-        return "inside" if p == "auto" else p
+        return self.placement.mode()
 
     def _inside(self) -> bool:
         """Checkpoint exports go inside the checkpoint (``iter_N/hf``): ``dirpath`` overrides it."""
-        return self._placement() == "inside" and self.config.dirpath is None
+        return self.placement.inside
 
     def _target(self, context, step: int, checkpoint: Optional[str]) -> Path:
-        cfg = self.config
         save = context.state.cfg.checkpoint.save
-        name = f"iter_{int(step):07d}"
-        if cfg.dirpath is not None:
-            base, default = Path(cfg.dirpath).expanduser(), "{checkpoint}"
-        elif checkpoint is not None and self._placement() == "inside":
-            return Path(checkpoint) / render_filename(cfg.filename or HF_SUBDIR, checkpoint=name, step=step, epoch=0)
-        elif self._placement() == "sibling" and checkpoint is not None:
-            base, default = Path(save), "{checkpoint}" + HF_SUFFIX
-        else:
-            base, default = Path(save) / HF_SUBDIR, "{checkpoint}"
-        return base / render_filename(cfg.filename or default, checkpoint=name, step=step, epoch=0)
+        ckpt_dir = Path(save) if save is not None else None
+        return self.placement.target(f"iter_{int(step):07d}", step, 0, checkpoint, ckpt_dir)
 
     def _export_dirs(self, context) -> list[Path]:
-        cfg = self.config
-        if cfg.dirpath is not None:
-            return [Path(cfg.dirpath).expanduser()]
         save = context.state.cfg.checkpoint.save
-        if not save:
-            return []
-        dirs = [Path(save)]
-        if self._placement() == "subdir" or cfg.every_n_train_steps or cfg.at_train_end:
-            dirs.append(Path(save) / HF_SUBDIR)
-        return dirs
+        return self.placement.export_dirs([Path(save)] if save else [], Path(save) if save else None)
 
     def _adopt_lineage(self, context, step: int) -> None:
         """A resumed run continues the run it resumed from: its identity, exported
@@ -395,18 +379,13 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         log.info("hf_export: removed %s: it held the weights of an earlier save of iteration %d (a discarded run), not of the checkpoint saved now", path, n)
 
     def _set_tokenizer(self, context) -> None:
-        tok = self.config.tokenizer
-        if isinstance(tok, (str, Path)) and str(tok) == "auto":
-            cfg = context.state.cfg
-            saver = _tokenizer_saver(getattr(getattr(cfg, "dataset", None), "tokenizer", None))
-            model_dir = getattr(getattr(cfg, "tokenizer", None), "tokenizer_model", None)
-            if saver is None and model_dir and Path(str(model_dir)).is_dir():
-                saver = str(model_dir)
-            self.scheduler.tokenizer = saver
-        elif isinstance(tok, (str, Path)):
-            self.scheduler.tokenizer = str(Path(tok).expanduser())
-        else:
-            self.scheduler.tokenizer = tok
+        """``tokenizer="auto"``: Bridge's dataset tokenizer if it can ``save_pretrained``, else
+        ``cfg.tokenizer.tokenizer_model`` when that is a directory."""
+        cfg = context.state.cfg
+        self.scheduler.tokenizer = self.placement.tokenizer(
+            found=[getattr(getattr(cfg, "dataset", None), "tokenizer", None)],
+            model_dirs=[getattr(getattr(cfg, "tokenizer", None), "tokenizer_model", None)],
+        )
 
     @staticmethod
     def _clean_stale_staging(save: Optional[Path], dirpath: Optional[Path] = None) -> None:
