@@ -173,16 +173,8 @@ class HFExportCallback(RunResults, Callback):
         self._host = _LightningHost(self)
         self.scheduler = ExportScheduler(self.config, self._host)
 
-    def __getstate__(self) -> dict:
-        # NeMo's Trainer deep-copies its callbacks (IOMixin); threads, process groups and an
-        # export in flight belong to one run and are never copied.
-        state = dict(self.__dict__)
-        sched = object.__new__(ExportScheduler)
-        sched.__dict__.update(self.scheduler.__dict__)
-        for k in ExportScheduler.RUNTIME:
-            setattr(sched, k, {} if k == "held" else None)
-        state["scheduler"] = sched
-        return state
+    # NeMo's Trainer deep-copies its callbacks (IOMixin): the scheduler's own __getstate__
+    # leaves its runtime (threads, process groups, an export in flight) out of any copy.
 
     # -- identity / state -----------------------------------------------------------------
     @property

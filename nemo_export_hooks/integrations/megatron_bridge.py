@@ -302,9 +302,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             log.info("hf_export: resumed at iteration %d: continuing run %s (its state in the checkpoint: exported %s)",
                      step, self.scheduler.run_id, sorted(self.scheduler.done_steps))
         else:
-            self.scheduler.run_id = data["run_id"]
-            self.scheduler.done_steps.add(step)
-            self.scheduler.owned.append(data["path"])
+            self.scheduler.adopt(data["run_id"], step, data["path"])
             log.info("hf_export: resumed at iteration %d: its export %s exists; continuing run %s", step, data["path"], data["run_id"])
 
     def _find_run_state(self, context, step: int) -> Optional[tuple]:
@@ -375,7 +373,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         except OSError as e:
             log.warning("hf_export: could not remove %s, made from an earlier save of iteration %d: %s", path, n, e)
             return
-        sch.owned = [p for p in sch.owned if p != str(path)]
+        sch.disown(str(path))
         log.info("hf_export: removed %s: it held the weights of an earlier save of iteration %d (a discarded run), not of the checkpoint saved now", path, n)
 
     def _set_tokenizer(self, context) -> None:
