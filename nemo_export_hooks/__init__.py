@@ -3,14 +3,13 @@ training checkpoint, per rank, for dense, MoE (every expert layout) and QAT mode
 
 from __future__ import annotations
 
-try:
-    from importlib.metadata import version as _version
+from ._version import __version__
 
-    __version__ = _version("nemo-export-hooks")
-except Exception:  # pragma: no cover - not installed
-    __version__ = "0+unknown"
-
+from .config import add_check as _add_check
+from .config_checks import exporter_problems as _exporter_problems
 from .exporter.api import ExportResult, export_to_hf, prepare_export
+
+_add_check(_exporter_problems)  # ExportConfig.validate() checks arch, dtype, sizes (config_checks)
 
 __all__ = ["export_to_hf", "prepare_export", "ExportResult", "HFExportCallback", "ExportConfig", "callbacks_from_cfg", "__version__"]
 

@@ -18,7 +18,8 @@ __all__ = ["main", "build_parser"]
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .publish import read_manifest, verify_export
+    from .store.manifest import read_manifest
+    from .verify import verify_export
 
     path = Path(args.dir)
     try:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export Megatron-Core models to Hugging Face checkpoints and check the results.",
     )
     try:
-        from . import __version__ as version
+        from ._version import __version__ as version
     except Exception:  # pragma: no cover
         version = "0+unknown"
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")

@@ -9,11 +9,27 @@ Everything that can be checked without a trainer is checked by :meth:`ExportConf
 
 Where exports go (``placement``, ``dirpath``, ``filename``)
 -----------------------------------------------------------
-By default an export sits beside the training checkpoint it belongs to and is named after
-it, with the ``-hf`` suffix:
+The rules are :class:`nemo_export_hooks.placement.Placement`'s; what the options mean:
+
+``placement`` is one of ``auto``, ``sibling``, ``subdir``, ``inside``.
+
+* ``sibling``: an export sits beside the training checkpoint it belongs to and is named
+  after it, with the ``-hf`` suffix.
+* ``subdir``: one level down instead, ``<checkpoint dir>/hf/<name>``.
+* ``inside``: in the checkpoint directory itself, ``<checkpoint>/hf`` (Megatron-Bridge only:
+  its ``iter_N`` directories; deleted with the checkpoint by Bridge's rotation).
+* ``auto`` (the default) **depends on the adapter**:
+
+  - Lightning / NeMo 2 (``HFExportCallback``): ``subdir`` when the trainer's checkpoint
+    callback is NeMo's ``ModelCheckpoint`` and ``sibling`` otherwise, because NeMo's resume
+    logic (``nemo_topk_check_previous_run``) treats *every* directory beside its checkpoints
+    as a checkpoint, parses its monitor value from the name, and may delete real
+    checkpoints to enforce ``save_top_k``; a ``<name>-hf`` sibling would be counted as one.
+    ``inside`` is refused.
+  - Megatron-Bridge (``HFExportBridgeCallback``): ``inside``, ``iter_N/hf``.
 
 =====================================  ==========================================
-training checkpoint                    Hugging Face export
+training checkpoint (Lightning)        Hugging Face export (``sibling``)
 =====================================  ==========================================
 ``.../checkpoints/epoch=0-step=10.ckpt``   ``.../checkpoints/epoch=0-step=10-hf``
 ``.../checkpoints/<name>`` (directory)     ``.../checkpoints/<name>-hf``
@@ -21,29 +37,38 @@ no checkpoint (``every_n_train_steps``,    ``<trainer checkpoint dir>/step=<step
 ``at_train_end``)
 =====================================  ==========================================
 
-``placement="subdir"`` puts them one level down instead: ``.../checkpoints/hf/<name>``.
-``placement="auto"`` (the default) picks ``subdir`` when the trainer's checkpoint callback
-is NeMo's ``ModelCheckpoint`` and ``sibling`` otherwise, because NeMo's resume logic
-(``nemo_topk_check_previous_run``) treats *every* directory beside its checkpoints as a
-checkpoint, parses its monitor value from the name, and may delete real checkpoints to
-enforce ``save_top_k``; a ``<name>-hf`` sibling would be counted as one.
+With Megatron-Bridge an export that belongs to no checkpoint goes to
+``<checkpoint.save>/hf/iter_<step, 7 digits>`` whatever the placement.
 
 ``dirpath`` (a directory) overrides the placement: every export goes there, named by
 ``filename``.  ``filename`` is a template with the fields ``{checkpoint}`` (the checkpoint's
-name without ``.ckpt``; ``step=<step>`` for exports that belong to no checkpoint),
-``{step}`` and ``{epoch}`` (format specs allowed: ``hf-{step:07d}``).  Its default is
-``{checkpoint}-hf`` beside checkpoints and ``{checkpoint}`` elsewhere.  A filename must be
-one path component: absolute paths, ``..``, separators, hidden names and the reserved
-``latest`` / ``latest.txt`` are rejected.
+name without ``.ckpt``; ``step=<step>`` for exports that belong to no checkpoint;
+``iter_<step, 7 digits>`` with Megatron-Bridge), ``{step}`` and ``{epoch}`` (format specs
+allowed: ``hf-{step:07d}``).  Its default is ``{checkpoint}-hf`` beside checkpoints, ``hf``
+inside one and ``{checkpoint}`` elsewhere.  A filename must be one path component: absolute
+paths, ``..``, separators, hidden names and the reserved ``latest`` / ``latest.txt`` are
+rejected.
 """
 
 import logging
-import os
-import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from string import Formatter
 from typing import Any, Dict, Mapping, Optional
+
+from .placement import (  # noqa: F401  (path policy lives in placement; names kept here for old imports)
+    HF_SUBDIR,
+    HF_SUFFIX,
+    PLACEMENTS,
+    TEMPLATE_FIELDS,
+    TOKENIZER_FILES,
+    check_filename_template,
+    name_max,
+    note_symlinked_dirpath,
+    render_filename,
+    tokenizer_saver,
+)
+
+_tokenizer_saver = tokenizer_saver  # the old private name (the adapters imported it from here)
 
 __all__ = [
     "ExportConfig",
@@ -60,12 +85,7 @@ __all__ = [
 
 log = logging.getLogger("nemo_export_hooks")
 
-PLACEMENTS = ("auto", "sibling", "subdir", "inside")
 ON_BUSY = ("skip", "wait")
-TEMPLATE_FIELDS = ("checkpoint", "step", "epoch")
-HF_SUFFIX = "-hf"
-HF_SUBDIR = "hf"
-_RESERVED_NAMES = ("latest", "latest.txt")
 
 
 @dataclass
@@ -183,31 +203,8 @@ class ExportConfig:
             return p
         if not self.arch:
             p.append("arch is required (the Hugging Face model_type to write, e.g. 'qwen3_moe')")
-        else:
-            try:
-                from .exporter.rules import get_rule
-
-                get_rule(self.arch)
-            except ValueError as e:
-                p.append(str(e))
-        try:
-            from .exporter.api import resolve_dtype
-
-            resolve_dtype(self.dtype)
-        except ValueError as e:
-            p.append(f"dtype: {e}")
-        try:
-            from .exporter.writer import parse_size
-
-            parse_size(_size_value(self.max_shard_size))
-        except ValueError as e:
-            p.append(f"max_shard_size: {e}")
-        if self.expect_quant is not None:
-            from .exporter.quant import format_names  # the registry of formats (one place per format)
-
-            names = format_names()
-            if str(self.expect_quant).upper() not in names:
-                p.append(f"expect_quant must be {', '.join(map(repr, names))} or null, got {self.expect_quant!r}")
+        for check in _CHECKS:  # what only the exporter knows (arch, dtype, sizes, formats): see add_check
+            p.extend(check(self))
         if not isinstance(self.hf_config_overrides, Mapping):
             p.append(f"hf_config_overrides must be a mapping, got {type(self.hf_config_overrides).__name__}")
         else:
@@ -241,9 +238,9 @@ class ExportConfig:
             d = Path(tok).expanduser()
             if not d.is_dir():
                 p.append(f"tokenizer {str(tok)!r} is not a directory (give a directory with tokenizer files, 'auto' or null)")
-            elif not any((d / n).is_file() for n in _TOKENIZER_FILES):
-                p.append(f"tokenizer directory {str(tok)!r} has none of {', '.join(_TOKENIZER_FILES)}")
-        elif tok is not None and not isinstance(tok, (str, Path)) and _tokenizer_saver(tok) is None:
+            elif not any((d / n).is_file() for n in TOKENIZER_FILES):
+                p.append(f"tokenizer directory {str(tok)!r} has none of {', '.join(TOKENIZER_FILES)}")
+        elif tok is not None and not isinstance(tok, (str, Path)) and tokenizer_saver(tok) is None:
             p.append(f"tokenizer object {type(tok).__name__} has no save_pretrained (nor a .tokenizer that has one)")
         return p
 
@@ -275,21 +272,24 @@ class ExportConfig:
         return d
 
 
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-)
-
-
-def _size_value(v):
+def size_value(v):
+    """``max_shard_size`` as the size parser takes it: digits become an int."""
     s = str(v).strip()
     return int(s) if s.isdigit() else s
+
+
+# Checks of an ExportConfig that need knowledge from below the schema (the exporter's
+# architectures, dtypes and size syntax).  The schema imports nothing from the exporter;
+# the package registers them (``nemo_export_hooks/__init__.py``, from
+# :mod:`nemo_export_hooks.config_checks`), so every import of the package has them.
+_CHECKS: list = []
+
+
+def add_check(check) -> None:
+    """Register ``check(config) -> list[str]`` (problems), run by
+    :meth:`ExportConfig.problems` for an enabled config; registering twice is a no-op."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
 
 
 BOOL_OPTIONS = ("enabled", "on_checkpoint_save", "at_train_end", "async_write", "update_latest", "fail_on_error", "log_metrics")
@@ -314,132 +314,6 @@ def parse_bool(name: str, value: Any) -> Any:
             return False
         raise ValueError(f"hf_export.{name} must be true or false, got {value!r}")
     return value
-
-
-def _tokenizer_saver(tok: Any):
-    """The object whose ``save_pretrained`` writes ``tok``'s files: the tokenizer itself, or
-    the HF tokenizer inside a wrapper (NeMo's ``AutoTokenizer`` keeps it as ``.tokenizer``)."""
-    if tok is None:
-        return None
-    if callable(getattr(tok, "save_pretrained", None)):
-        return tok
-    inner = getattr(tok, "tokenizer", None)
-    if inner is not None and callable(getattr(inner, "save_pretrained", None)):
-        return inner
-    return None
-
-
-# The longest name made from an export's name: its hidden staging sibling
-# ``.{name}.staging-{8 hex}`` (publish.staging_name); it must fit the file system too.
-_STAGING_OVERHEAD = len(".") + len(".staging-") + 8
-
-
-def name_max(directory: Any = None) -> int:
-    """The file system's limit on one name (``NAME_MAX``, in bytes) where ``directory`` is
-    or would be created: asked of its nearest existing ancestor (the working directory when
-    ``None``); 255, the common limit, when the system cannot tell."""
-    p = Path(directory).expanduser().absolute() if directory is not None else Path.cwd()
-    while not p.exists() and p.parent != p:
-        p = p.parent
-    try:
-        return int(os.pathconf(p, "PC_NAME_MAX"))
-    except (OSError, ValueError, AttributeError):
-        return 255
-
-
-_NOTED: set = set()
-
-
-def note_symlinked_dirpath(dirpath: Any) -> Optional[Path]:
-    """A ``dirpath`` reached through a symlink is followed: exports, their staging
-    directories and ``latest`` are created in the directory it resolves to (so the atomic
-    rename happens on that file system).  Logged once per process and (path, target), so the
-    redirection is never silent; returns the resolved directory, or ``None`` when no
-    symlink is involved."""
-    p = Path(dirpath).expanduser().absolute()
-    real = Path(os.path.realpath(p))
-    if real == Path(os.path.normpath(p)):
-        return None
-    key = (str(p), str(real))
-    if key not in _NOTED:
-        _NOTED.add(key)
-        link = next((q for q in (p, *p.parents) if q.is_symlink()), p)
-        log.info("hf_export: dirpath %s goes through the symlink %s -> %s; exports are written in %s", p, link, os.readlink(link) if link.is_symlink() else "?", real)
-    return real
-
-
-def check_filename_template(template: str, directory: Any = None) -> None:
-    """Reject a filename template that is not one safe path component, or whose rendered
-    names cannot be created in ``directory`` (too long for its file system, counting the
-    staging name made from it)."""
-    if not isinstance(template, str) or not template.strip():
-        raise ValueError(f"filename must be a non-empty template string, got {template!r}")
-    try:
-        parsed = list(Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"filename {template!r} is not a valid template: {e}") from None
-    for _, fname, _, _ in parsed:
-        if fname is None:
-            continue
-        if fname not in TEMPLATE_FIELDS:
-            raise ValueError(f"filename {template!r} uses {{{fname}}}; allowed fields: " + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
-    limit = name_max(directory)
-    samples = (
-        {"checkpoint": "epoch=0-step=10", "step": 10, "epoch": 0},
-        {"checkpoint": "x", "step": 0, "epoch": 0},
-        {"checkpoint": "epoch=999-step=999999999", "step": 999_999_999, "epoch": 999},  # long runs
-    )
-    for sample in samples:
-        try:
-            name = template.format(**sample)
-        except (ValueError, KeyError, IndexError) as e:
-            raise ValueError(f"filename {template!r} cannot be rendered: {type(e).__name__}: {e}") from None
-        _check_component(name, template, limit)
-
-
-def _check_component(name: str, template: str, limit: int = 255) -> None:
-    why = None
-    bad = sorted({c for c in name if unicodedata.category(c) == "Cc"})
-    if not name:
-        why = "it renders to an empty name"
-    elif bad:
-        why = "it contains control character(s) " + ", ".join(repr(c) for c in bad)
-    elif name != name.strip():
-        why = "it starts or ends with whitespace"
-    elif name.startswith("/") or Path(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
-        why = "it is an absolute path"
-    elif ".." in name.replace("\\", "/").split("/"):
-        why = "'..' escapes the export directory"
-    elif "/" in name or "\\" in name:
-        why = "it contains a path separator (it must be one directory name inside dirpath)"
-    elif name == ".":
-        why = "it is the export directory itself"
-    elif name.startswith("."):
-        why = "hidden names are reserved for staging directories"
-    elif name in _RESERVED_NAMES:
-        why = f"{name!r} is reserved for the latest-export pointer"
-    else:
-        try:
-            n = len(os.fsencode(name))
-        except UnicodeError:
-            why = "it cannot be encoded as a file name on this system"
-        else:
-            if n + _STAGING_OVERHEAD > limit:
-                why = (
-                    f"it renders to a name of {n} bytes ({name[:40]!r}...); with its staging name "
-                    f"(.NAME.staging-XXXXXXXX, {_STAGING_OVERHEAD} bytes more) that exceeds the file system's "
-                    f"limit of {limit} bytes per name (at most {limit - _STAGING_OVERHEAD})"
-                )
-    if why:
-        raise ValueError(f"filename {template!r} is rejected: {why}")
-
-
-def render_filename(template: str, checkpoint: str, step: int, epoch: int, directory: Any = None) -> str:
-    """Render a (checked) filename template; the result is re-checked (its length against
-    ``NAME_MAX`` of ``directory``, 255 when not given)."""
-    name = template.format(checkpoint=checkpoint, step=int(step), epoch=int(epoch))
-    _check_component(name, template, name_max(directory) if directory is not None else 255)
-    return name
 
 
 # -- OmegaConf helpers --------------------------------------------------------------------

@@ -112,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lightning.pytorch.loggers import CSVLogger
 
     from .callback import HFExportCallback
-    from .publish import read_manifest, verify_export
+    from .store.manifest import read_manifest
+    from .verify import verify_export
     from .testing.cpu import TinySpec, init_single_process
     from .testing.lightning import TinyMegatronLM
 

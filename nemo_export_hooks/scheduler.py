@@ -17,7 +17,7 @@ scheduler decides the rest:
 * **resume**: exports that were planned or in flight when the resumed checkpoint was
   written are found, redone from the restored weights, or reported lost; exports of the same
   run lineage (``run_id``) made after that checkpoint are replaced;
-* **refusals** (:mod:`.targets`), decided by rank 0 before any collective gather starts.
+* **refusals** (:mod:`.store.commit`), decided by rank 0 before any collective gather starts.
 
 Every collective goes through :class:`~.exporter.parallel.ControlPlane`; this module does
 not import ``torch.distributed``.
@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from .config import ExportConfig
-from .targets import ExportRefusedError, check_target, inside_its_checkpoint, remove_staging_of, same_lineage
+from .store.commit import ExportRefusedError, check_target_dir, inside_its_checkpoint, remove_staging_of, same_lineage
+from .store.manifest import ownership
 
-__all__ = ["ExportScheduler", "Host", "Request", "Job", "RunResults", "STATE_VERSION"]
+__all__ = ["ExportScheduler", "Host", "Request", "ExportRun", "HeldCopy", "RunResults", "STATE_VERSION"]
 
 log = logging.getLogger("nemo_export_hooks")
 
@@ -78,7 +79,10 @@ class Request:
 
 
 @dataclass
-class Job:
+class ExportRun:
+    """One export from its start to its end: the request, timings, the background future
+    and its outcome.  (Not ``plan.Job``, which is one tensor of an export.)"""
+
     req: Request
     t0: float
     blocking_s: float = 0.0
@@ -90,13 +94,20 @@ class Job:
 
 
 @dataclass
-class Snapshot:
-    """A planned export and its host copy, taken on the training thread at ``step``."""
+class HeldCopy:
+    """A planned export and its host copy, taken on the training thread at ``step`` and held
+    until its (async) checkpoint is finalized.  (Its tensors are an
+    ``exporter.snapshot.HostSnapshot``.)"""
 
     step: int
     prepared: Any
     tensors: Any
     blocking_s: float
+
+
+# The old names, for one release.
+Job = ExportRun
+Snapshot = HeldCopy
 
 
 class RunResults:
@@ -138,11 +149,11 @@ class ExportScheduler:
         self.run_id: Optional[str] = None
         self.done_steps: set[int] = set()
         self.owned: list[str] = []
-        self.inflight: Optional[Job] = None
+        self.inflight: Optional[ExportRun] = None
         self.pending_save: Optional[Request] = None
         self.due: Optional[tuple[int, str]] = None
         self.resume_pending: list[dict] = []
-        self.held: dict[int, Snapshot] = {}
+        self.held: dict[int, HeldCopy] = {}
         self.last_trigger_step = -1
         self.active = False
         self.model_ok = False
@@ -151,6 +162,26 @@ class ExportScheduler:
         self.control = None  # parallel.ControlPlane, made at start-up
 
     RUNTIME = ("executor", "control", "inflight", "pending_save", "held")
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy``/``deepcopy``/pickle) has the run's state but none of its
+        runtime: threads, process groups, an export in flight and held copies belong to one
+        run.  (NeMo's Trainer deep-copies its callbacks.)"""
+        state = dict(self.__dict__)
+        for k in self.RUNTIME:
+            state[k] = {} if k == "held" else None
+        return state
+
+    def adopt(self, run_id: str, step: int, path: str) -> None:
+        """Continue run (lineage) ``run_id``, whose export of ``step`` at ``path`` exists:
+        ``step`` counts as exported and ``path`` as this run's (replaceable, retained)."""
+        self.run_id = str(run_id)
+        self.done_steps.add(int(step))
+        self.owned.append(str(path))
+
+    def disown(self, path: str) -> None:
+        """``path`` is no longer an export of this run (it was removed)."""
+        self.owned = [p for p in self.owned if p != str(path)]
 
     # -- identity and state ---------------------------------------------------------------
     @property
@@ -255,7 +286,7 @@ class ExportScheduler:
         self.pending_save = req
         return req
 
-    def checkpoint_saved(self, req: Optional[Request], snapshot: Optional[Snapshot] = None) -> None:
+    def checkpoint_saved(self, req: Optional[Request], snapshot: Optional[HeldCopy] = None) -> None:
         self.pending_save = None
         if req is not None:
             self.start(req, snapshot)
@@ -318,10 +349,10 @@ class ExportScheduler:
             self.handle_error(step, None, err)
             return False
         prepared, tensors = snap
-        self.held[step] = Snapshot(step, prepared, tensors, time.perf_counter() - t0)
+        self.held[step] = HeldCopy(step, prepared, tensors, time.perf_counter() - t0)
         return True
 
-    def take_held(self, step: int) -> Optional[Snapshot]:
+    def take_held(self, step: int) -> Optional[HeldCopy]:
         """The held snapshot of ``step`` (removed from the hold), dropping older ones whose
         checkpoints never came."""
         snap = self.held.pop(step, None)
@@ -368,7 +399,7 @@ class ExportScheduler:
         err = self.control.agree(err)
         return err, (None if err is not None else (prepared, tensors))
 
-    def start(self, req: Request, snapshot: Optional[Snapshot] = None) -> None:
+    def start(self, req: Request, snapshot: Optional[HeldCopy] = None) -> None:
         """Refusals, then plan + host copy on the training thread (or a held ``snapshot``);
         write in the background (``async_write``) or here."""
         cfg = self.config
@@ -380,7 +411,7 @@ class ExportScheduler:
         # nothing is gathered, copied or written for an export that cannot be published.
         if self.rank == 0:
             try:
-                check_target(req.path, req.checkpoint, owned, run_id=self.run_id, allow_inside=self.allow_inside)
+                check_target_dir(req.path, req.checkpoint, owned, run_id=self.run_id, allow_inside=self.allow_inside)
                 replace = str(req.path) in owned or same_lineage(req.path, self.run_id or "")
             except Exception as e:
                 err = e
@@ -392,7 +423,7 @@ class ExportScheduler:
             err, snap = self._prepare(host_copy=cfg.async_write)
             if err is None:
                 prepared, tensors = snap
-        job = Job(req, t0)
+        job = ExportRun(req, t0)
         if err is not None:
             job.error = err
             job.blocking_s = time.perf_counter() - t0
@@ -426,7 +457,7 @@ class ExportScheduler:
             log.debug("hf_export: no framework facts for the manifest: %s", e)
         return m
 
-    def _write(self, job: Job, prepared, tensors, manifest: dict, owned: list, replace: bool) -> Job:
+    def _write(self, job: ExportRun, prepared, tensors, manifest: dict, owned: list, replace: bool) -> ExportRun:
         """Write, commit, publish, then (rank 0) ``latest`` and retention.  Never raises."""
         from .exporter.api import write_prepared
 
@@ -439,7 +470,7 @@ class ExportScheduler:
                 req.path,
                 tokenizer=self.tokenizer,
                 max_shard_size=_size(cfg.max_shard_size),
-                # Replace only an export this run (lineage) made: check_target refused the
+                # Replace only an export this run (lineage) made: check_target_dir refused the
                 # rest, and this closes the race with another run creating the directory
                 # meanwhile.  Publish also checks the manifest: never a non-export.
                 overwrite=replace,
@@ -457,7 +488,7 @@ class ExportScheduler:
         finally:
             tensors = None  # drop the host copy as soon as it is written
         if self.rank == 0:
-            from .publish import apply_retention, update_latest
+            from .store.commit import apply_retention, update_latest
 
             job.phase = f"published at {req.path} and is updating the latest pointer"
             if cfg.update_latest and not self.allow_inside:
@@ -498,7 +529,7 @@ class ExportScheduler:
         self.inflight = None
         self.finish(job, raise_errors=raise_errors)
 
-    def finish(self, job: Job, raise_errors: bool = True) -> None:
+    def finish(self, job: ExportRun, raise_errors: bool = True) -> None:
         """On the training thread: record, log, metrics, fail_on_error."""
         req = job.req
         if job.error is not None:
@@ -569,17 +600,15 @@ class ExportScheduler:
         """Exports that were planned or in flight when the resumed checkpoint was written:
         ``found`` (completed before the restart), ``redo`` (its step is the one training
         resumes from: exported again from the restored weights) or ``lost``."""
-        from .publish import read_manifest
-
         pending, self.resume_pending = self.resume_pending, []
         decisions = []
         if self.rank == 0:
             for rec in pending:
                 s, path = int(rec["step"]), Path(rec["path"])
-                m = read_manifest(path)
+                own = ownership(path)
                 if s in self.done_steps:
                     decisions.append("done")
-                elif m is not None and m.get("step") == s and (m.get("producer") or {}).get("name") == "nemo-export-hooks":
+                elif own.ours and own.step == s:
                     decisions.append("found")
                 elif s == step:
                     decisions.append("redo")

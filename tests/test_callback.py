@@ -588,3 +588,20 @@ def test_tokenizer_from_a_directory_and_from_the_model(mcore, tmp_path):
     for d in (tmp_path / "a" / "step=1", tmp_path / "b" / "step=1"):
         assert (d / "tokenizer.json").is_file() and P.verify_export(d) == []
         assert AutoTokenizer.from_pretrained(str(d))("t1 t2")["input_ids"] == [1, 2]
+
+
+def test_deepcopy_leaves_the_run_behind(mcore):
+    """NeMo's Trainer deep-copies its callbacks: the copy keeps the run's state (run id,
+    steps, owned exports) and none of its runtime; the scheduler's own ``__getstate__``
+    decides that (the callback no longer copies the scheduler's ``__dict__``)."""
+    import copy
+
+    cb = HFExportCallback(arch=ARCH)
+    cb.scheduler.start_up()
+    cb.scheduler.adopt(cb.scheduler.run_id, 2, "/x/step=2-hf")
+    c = copy.deepcopy(cb)
+    assert (c.scheduler.run_id, c.scheduler.done_steps, c.scheduler.owned) == (cb.scheduler.run_id, {2}, ["/x/step=2-hf"])
+    assert c.scheduler.executor is None and c.scheduler.control is None and c.scheduler.held == {}
+    assert c.scheduler.host.cb is c and c.placement.config is c.config  # one object graph, copied whole
+    assert cb.scheduler.executor is not None and cb.scheduler.control is not None
+    cb.scheduler.shutdown()

@@ -75,6 +75,20 @@ def test_non_empty_out_dir_refused_unless_overwrite(mcore, tmp_path):
     assert (out2 / "config.json").exists()
 
 
+def test_overwrite_refuses_a_foreign_manifest_up_front(mcore, tmp_path):
+    """A manifest file alone does not make a directory ours (one ownership rule,
+    store.manifest.ownership): a foreign producer's export is refused before anything is
+    written, not after every shard was (when publish would refuse it)."""
+    m = build_gpt(TinySpec())
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "export_manifest.json").write_text('{"producer": {"name": "someone-else"}, "files": {}}')
+    with pytest.raises(RuntimeError, match="not an export made by nemo-export-hooks"):
+        export_to_hf(m, out, arch="qwen3_moe", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging directory was made
+    assert sorted(p.name for p in out.iterdir()) == ["export_manifest.json"]
+
+
 def test_unwritable_parent(mcore, tmp_path):
     """A parent that cannot hold a directory (works as root too, unlike chmod)."""
     m = build_gpt(TinySpec())

@@ -132,3 +132,27 @@ def test_resume_decisions_and_lineage(mcore, tmp_path):
     other, _ = scheduler(tmp_path, async_write=False, fail_on_error=True)
     with pytest.raises(RuntimeError, match="was not created by this run"):
         other.export_now(5, 0, target(tmp_path, 5), "every_n_train_steps")
+
+
+def test_scheduler_owns_its_state_copy_and_adopt(mcore, tmp_path):
+    """A copy (NeMo deep-copies its callbacks) keeps the run's state and none of its runtime,
+    without the adapters reaching into the scheduler; ``adopt``/``disown`` are the only way
+    an adapter changes its lineage."""
+    import copy
+
+    from nemo_export_hooks.scheduler import ExportRun, HeldCopy, Job, Snapshot
+
+    assert (Job, Snapshot) == (ExportRun, HeldCopy)  # the old names, for one release
+    s, _ = scheduler(tmp_path, async_write=True)
+    s.adopt("abc", 4, str(tmp_path / "iter4"))
+    s.hold_snapshot(6)
+    assert s.executor is not None and s.control is not None and 6 in s.held
+    s.host = Host(None)  # as in NeMo's copy, made before setup: no model (Megatron modules hold process groups)
+    for c in (copy.deepcopy(s), copy.copy(s)):
+        assert (c.run_id, c.done_steps, c.owned) == ("abc", {4}, [str(tmp_path / "iter4")])
+        assert c.executor is None and c.control is None and c.inflight is None and c.held == {}
+    assert s.executor is not None and 6 in s.held  # the original keeps its runtime
+    s.disown(str(tmp_path / "iter4"))
+    assert s.owned == [] and s.state_dict()["exported_steps"] == [4]
+    s.take_held(6)
+    s.shutdown()

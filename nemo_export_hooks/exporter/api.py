@@ -28,6 +28,8 @@ from .hf_names import NameCheck, check_names
 from .plan import ExportPlan, build_plan
 from .rules import get_rule
 from .source import unwrap_model
+from ..store.layout import PRODUCER_NAME
+from ..store.manifest import ownership
 
 log = logging.getLogger("nemo_export_hooks")
 
@@ -242,7 +244,8 @@ def write_prepared(
     write (world group only); its problem raises ``ValueError`` before publishing.
     ``create_parent=False``: ``out_dir``'s parent must exist (an export inside a checkpoint
     never re-creates a checkpoint directory that was rotated away)."""
-    from ..publish import make_staging_dir, publish, write_manifest
+    from ..store.commit import make_staging_dir, publish
+    from ..store.manifest import write_manifest
     from .writer import STREAM_INFLIGHT_BYTES, ShardWriter, default_writers, final_shard_names, finalize_shards, parse_size
 
     t0 = time.perf_counter() if t0 is None else t0
@@ -393,8 +396,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         if entries:
             if not overwrite:
                 raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace an earlier export)")
-            if not (out_dir / "export_manifest.json").exists():
-                raise FileExistsError(f"{out_dir} is not an export made by nemo-export-hooks; refusing to overwrite it")
+            if not ownership(out_dir).ours:
+                raise FileExistsError(f"{out_dir} is not an export made by {PRODUCER_NAME}; refusing to overwrite it")
         else:
             try:
                 out_dir.rmdir()  # an empty directory is replaced by the atomic rename
@@ -422,7 +425,7 @@ def _write_side_files(staging: Path, prepared: PreparedExport, tokenizer: Any) -
     cfg = dict(prepared.hf_config)
     if prepared.quant_algo:
         from . import quant
-        from .. import __version__
+        from .._version import __version__
 
         hf_quant, qcfg = quant.quant_config_files(prepared.quant_algo, prepared.quant_exclude, __version__)
         _write_text(staging / "hf_quant_config.json", json.dumps(hf_quant, indent=2) + "\n")

@@ -47,15 +47,16 @@ import struct
 import queue
 import threading
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from ..store.fs import known_digest, read_safetensors_header, remember_digest
+from ..store.layout import INDEX_NAME
+
 __all__ = ["parse_size", "ShardWriter", "assign_parts", "default_writers", "finalize_shards", "final_shard_names", "known_digest", "INDEX_NAME", "hf_shard_name"]
 
-INDEX_NAME = "model.safetensors.index.json"
 _SAFETENSORS_METADATA = {"format": "pt"}  # transformers checks this key when loading
 
 _UNITS = {
@@ -210,36 +211,9 @@ def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
         pos += written
 
 
-# Digests of the part files written by this process, by file identity.  write_manifest()
-# looks them up (``known_digest``) so that rank 0 does not read back and hash, after the
-# fact, the shards it has just written.  An entry is used only while the file still has the
-# device, inode, size and mtime it had when its bytes were hashed.
-_DIGESTS: "OrderedDict[tuple, str]" = OrderedDict()
-_DIGESTS_LOCK = threading.Lock()
-_DIGESTS_MAX = 1 << 16
-
-
-def _identity(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _remember_digest(path: Path, sha256: str) -> None:
-    key = _identity(os.stat(path))
-    with _DIGESTS_LOCK:
-        _DIGESTS[key] = sha256
-        while len(_DIGESTS) > _DIGESTS_MAX:
-            _DIGESTS.popitem(last=False)
-
-
-def known_digest(path: Union[str, Path]) -> Optional[str]:
-    """sha256 of ``path`` if a :class:`ShardWriter` of this process wrote it and it has not
-    changed since (same device, inode, size and mtime), else ``None``."""
-    try:
-        key = _identity(os.stat(path))
-    except OSError:
-        return None
-    with _DIGESTS_LOCK:
-        return _DIGESTS.get(key)
+# Digests of the part files written by this process, by file identity, live in
+# ``store.fs`` (``remember_digest`` / ``known_digest``): write_manifest() looks them up so
+# that rank 0 does not read back and hash the shards it has just written.
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
@@ -414,7 +388,7 @@ class _Part:
         os.close(self.fd)
         self.fd = None
         os.replace(self.tmp, self.final)
-        _remember_digest(self.final, self.digest)
+        remember_digest(self.final, self.digest)
 
     def discard(self) -> None:
         """Drop this part if it is not complete: close, delete the temporary file."""
@@ -653,24 +627,6 @@ def final_shard_names(parts) -> dict[str, str]:
     return {part: hf_shard_name(k, len(parts)) for k, part in enumerate(parts, start=1)}
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise ValueError(f"{path} has an implausible safetensors header length {n}")
-        header = f.read(n)
-        if len(header) != n:
-            raise ValueError(f"{path} has a truncated safetensors header")
-    try:
-        return json.loads(header)
-    except ValueError as e:
-        raise ValueError(f"{path} has an unparseable safetensors header: {e}") from None
-
-
 def _tensor_bytes(header: dict) -> int:
     return sum(end - start for k, v in header.items() if k != "__metadata__" for start, end in [v["data_offsets"]])
 
@@ -704,7 +660,7 @@ def finalize_shards(
             raise FileExistsError(f"cannot rename {part} to {target}: {directory / target} already exists")
 
     if total_size is None:
-        total_size = sum(_tensor_bytes(_read_safetensors_header(directory / p)) for p in parts)
+        total_size = sum(_tensor_bytes(read_safetensors_header(directory / p)) for p in parts)
     elif isinstance(total_size, bool) or not isinstance(total_size, int) or total_size < 0:
         raise ValueError(f"total_size must be a non-negative int or None, got {total_size!r}")
 

@@ -18,7 +18,7 @@ Triggers
     * ``at_train_end``: the final weights, in ``on_train_end``.
 
 Async writes, resume, refusals: see :mod:`nemo_export_hooks.scheduler` and
-:mod:`nemo_export_hooks.targets`.  The scheduler's state (steps exported, exports made, the
+:mod:`nemo_export_hooks.store.commit`.  The scheduler's state (steps exported, exports made, the
 run lineage's ``run_id``, exports pending at save time) is this callback's ``state_dict``,
 saved inside every training checkpoint.
 
@@ -49,9 +49,10 @@ except ModuleNotFoundError as _no_lightning:
             raise
         raise missing_extra("lightning", "HFExportCallback (nemo_export_hooks.integrations.lightning)", _no_lightning) from None
 
-from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
+from ..config import ExportConfig
+from ..placement import LIGHTNING, Placement
 from ..scheduler import ExportScheduler, Request, RunResults
-from ..targets import ExportRefusedError, check_writable, refuse_inside_checkpoint
+from ..store.commit import ExportRefusedError, check_writable, refuse_inside_checkpoint
 from . import export_node
 
 __all__ = ["HFExportCallback", "callbacks_from_cfg", "ExportConfig", "ExportRefusedError"]
@@ -168,24 +169,12 @@ class HFExportCallback(RunResults, Callback):
         if tokenizer is not None:
             overrides["tokenizer"] = tokenizer
         self.config = ExportConfig.from_any(config, **overrides).validate()
-        if self.config.placement == "inside":
-            raise ValueError(
-                "hf_export.placement='inside' puts exports inside their checkpoint, which only Megatron-Bridge's "
-                "iter_N directories allow; use auto, sibling or subdir with Lightning / NeMo"
-            )
+        self.placement = Placement(self.config, LIGHTNING)  # refuses placement="inside"
         self._host = _LightningHost(self)
         self.scheduler = ExportScheduler(self.config, self._host)
 
-    def __getstate__(self) -> dict:
-        # NeMo's Trainer deep-copies its callbacks (IOMixin); threads, process groups and an
-        # export in flight belong to one run and are never copied.
-        state = dict(self.__dict__)
-        sched = object.__new__(ExportScheduler)
-        sched.__dict__.update(self.scheduler.__dict__)
-        for k in ExportScheduler.RUNTIME:
-            setattr(sched, k, {} if k == "held" else None)
-        state["scheduler"] = sched
-        return state
+    # NeMo's Trainer deep-copies its callbacks (IOMixin): the scheduler's own __getstate__
+    # leaves its runtime (threads, process groups, an export in flight) out of any copy.
 
     # -- identity / state -----------------------------------------------------------------
     @property
@@ -207,11 +196,7 @@ class HFExportCallback(RunResults, Callback):
         self._host.trainer, self._host.pl_module = trainer, pl_module
         if not cfg.has_trigger:
             log.warning("hf_export is enabled but every trigger is off (on_checkpoint_save, every_n_train_steps, at_train_end): nothing will be exported")
-        tok = cfg.tokenizer
-        if isinstance(tok, (str, Path)):
-            self.scheduler.tokenizer = None if str(tok) == "auto" else str(Path(tok).expanduser())
-        else:
-            self.scheduler.tokenizer = tok
+        self.scheduler.tokenizer = self.placement.tokenizer()  # "auto": looked up at on_fit_start
         if cfg.dirpath is not None:
             # before anything else touches the directory: refused at step 0, not at step N
             refuse_inside_checkpoint(Path(cfg.dirpath).expanduser())
@@ -229,7 +214,7 @@ class HFExportCallback(RunResults, Callback):
         if not self.scheduler.model_ok:
             self._validate_model(trainer, pl_module, allow_defer=False)
         if isinstance(cfg.tokenizer, str) and cfg.tokenizer == "auto":
-            self.scheduler.tokenizer = _find_tokenizer(trainer, pl_module)
+            self.scheduler.tokenizer = self.placement.tokenizer(found=_tokenizers_held(trainer, pl_module))
             if self.scheduler.tokenizer is None:
                 log.info("hf_export: tokenizer='auto' found no tokenizer with save_pretrained; exports will have none")
         # every directory exports may go to: writable, local, not inside a training
@@ -243,7 +228,7 @@ class HFExportCallback(RunResults, Callback):
             refuse_inside_checkpoint(d)
             check_writable(d)
         if trainer.is_global_zero:
-            from ..publish import clean_stale_staging
+            from ..store.commit import clean_stale_staging
 
             for d in dirs:
                 for p in clean_stale_staging(d):
@@ -303,13 +288,7 @@ class HFExportCallback(RunResults, Callback):
         self.scheduler.validate_model(model)
 
     def _placement(self, trainer) -> str:
-        p = self.config.placement
-        if p != "auto":
-            return p
-        for cb in getattr(trainer, "checkpoint_callbacks", []) or []:
-            if any(getattr(k, "__module__", "").startswith("nemo.") for k in type(cb).__mro__):
-                return "subdir"  # NeMo's ModelCheckpoint or a subclass of it
-        return "sibling"
+        return self.placement.mode(nemo_checkpointing=_nemo_checkpointing(trainer))
 
     def _default_ckpt_dir(self, trainer) -> Path:
         cb = getattr(trainer, "checkpoint_callback", None)
@@ -319,7 +298,6 @@ class HFExportCallback(RunResults, Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
 
     def _target(self, trainer, step: int, epoch: int, checkpoint) -> Path:
-        cfg = self.config
         if checkpoint is not None:
             ck = Path(str(checkpoint))
             name = ck.name[: -len(".ckpt")] if ck.name.endswith(".ckpt") else ck.name
@@ -327,31 +305,12 @@ class HFExportCallback(RunResults, Callback):
         else:
             name = f"step={step}"
             ckpt_dir = self._default_ckpt_dir(trainer)
-        if cfg.dirpath is not None:
-            base, default_name = Path(cfg.dirpath).expanduser(), "{checkpoint}"
-        elif self._placement(trainer) == "subdir":
-            base, default_name = ckpt_dir / HF_SUBDIR, "{checkpoint}"
-        else:
-            base, default_name = ckpt_dir, "{checkpoint}" + HF_SUFFIX
-        if "://" in str(base):
-            raise ValueError(f"export directory {base} is not a filesystem path; set hf_export.dirpath")
-        return base / render_filename(cfg.filename or default_name, checkpoint=name, step=step, epoch=epoch)
+        return self.placement.target(name, step, epoch, checkpoint, ckpt_dir, mode=self._placement(trainer))
 
     def _export_dirs(self, trainer) -> list[Path]:
-        cfg = self.config
-        if cfg.dirpath is not None:
-            return [Path(cfg.dirpath).expanduser()]
-        sub = self._placement(trainer) == "subdir"
-        dirs = []
         ckpt_dirs = [getattr(cb, "dirpath", None) for cb in getattr(trainer, "checkpoint_callbacks", []) or []]
         ckpt_dirs = [Path(str(d)) for d in ckpt_dirs if d] or [self._default_ckpt_dir(trainer)]
-        if cfg.every_n_train_steps or cfg.at_train_end:
-            ckpt_dirs.append(self._default_ckpt_dir(trainer))
-        for d in ckpt_dirs:
-            d = d / HF_SUBDIR if sub else d
-            if d not in dirs:
-                dirs.append(d)
-        return dirs
+        return self.placement.export_dirs(ckpt_dirs, self._default_ckpt_dir(trainer), mode=self._placement(trainer))
 
     def _shutdown(self, trainer) -> None:
         _SaveHook.detach(trainer, self)
@@ -366,13 +325,18 @@ def callbacks_from_cfg(cfg: Any, key: str = "hf_export", tokenizer: Any = None) 
     return [HFExportCallback(node, tokenizer=tokenizer)] if node is not None else []
 
 
-def _find_tokenizer(trainer, pl_module):
-    for owner in (pl_module, getattr(trainer, "datamodule", None)):
-        tok = getattr(owner, "tokenizer", None) if owner is not None else None
-        saver = _tokenizer_saver(tok)
-        if saver is not None:
-            return saver
-    return None
+def _tokenizers_held(trainer, pl_module) -> list:
+    """The tokenizers the LightningModule and the datamodule hold, in that order (what
+    ``tokenizer="auto"`` looks through)."""
+    return [getattr(owner, "tokenizer", None) for owner in (pl_module, getattr(trainer, "datamodule", None)) if owner is not None]
+
+
+def _nemo_checkpointing(trainer) -> bool:
+    """The trainer saves with NeMo's ``ModelCheckpoint`` (or a subclass of it)."""
+    for cb in getattr(trainer, "checkpoint_callbacks", []) or []:
+        if any(getattr(k, "__module__", "").startswith("nemo.") for k in type(cb).__mro__):
+            return True
+    return False
 
 
 def _consumed_samples(trainer, step: int) -> Optional[int]:

@@ -61,9 +61,11 @@ from typing import Any, Optional
 
 import json
 
-from ..config import HF_SUBDIR, HF_SUFFIX, ExportConfig, _tokenizer_saver, render_filename
+from ..config import ExportConfig
+from ..placement import BRIDGE, HF_SUBDIR, Placement
 from ..scheduler import ExportScheduler, Request, RunResults
-from ..targets import check_writable, refuse_inside_checkpoint
+from ..store.commit import check_writable, refuse_inside_checkpoint
+from ..store.manifest import ownership
 
 try:  # the real base class where Megatron-Bridge is installed (Python 3.12, CUDA)
     from megatron.bridge.training.callbacks import Callback as _BridgeCallback
@@ -170,6 +172,7 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         if tokenizer is not None:
             overrides["tokenizer"] = tokenizer
         self.config = ExportConfig.from_any(config, **overrides).validate()
+        self.placement = Placement(self.config, BRIDGE)
         self._host = _BridgeHost()
         self.scheduler = ExportScheduler(self.config, self._host, allow_inside=self._inside())
 
@@ -265,38 +268,20 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         return bool(getattr(ck, "async_save", False) and getattr(ck, "save", None) and interval and k > 0 and k % int(interval) == 0)
 
     def _placement(self) -> str:
-        p = self.config.placement
-        return "inside" if p == "auto" else p
+        return self.placement.mode()
 
     def _inside(self) -> bool:
         """Checkpoint exports go inside the checkpoint (``iter_N/hf``): ``dirpath`` overrides it."""
-        return self._placement() == "inside" and self.config.dirpath is None
+        return self.placement.inside
 
     def _target(self, context, step: int, checkpoint: Optional[str]) -> Path:
-        cfg = self.config
         save = context.state.cfg.checkpoint.save
-        name = f"iter_{int(step):07d}"
-        if cfg.dirpath is not None:
-            base, default = Path(cfg.dirpath).expanduser(), "{checkpoint}"
-        elif checkpoint is not None and self._placement() == "inside":
-            return Path(checkpoint) / render_filename(cfg.filename or HF_SUBDIR, checkpoint=name, step=step, epoch=0)
-        elif self._placement() == "sibling" and checkpoint is not None:
-            base, default = Path(save), "{checkpoint}" + HF_SUFFIX
-        else:
-            base, default = Path(save) / HF_SUBDIR, "{checkpoint}"
-        return base / render_filename(cfg.filename or default, checkpoint=name, step=step, epoch=0)
+        ckpt_dir = Path(save) if save is not None else None
+        return self.placement.target(f"iter_{int(step):07d}", step, 0, checkpoint, ckpt_dir)
 
     def _export_dirs(self, context) -> list[Path]:
-        cfg = self.config
-        if cfg.dirpath is not None:
-            return [Path(cfg.dirpath).expanduser()]
         save = context.state.cfg.checkpoint.save
-        if not save:
-            return []
-        dirs = [Path(save)]
-        if self._placement() == "subdir" or cfg.every_n_train_steps or cfg.at_train_end:
-            dirs.append(Path(save) / HF_SUBDIR)
-        return dirs
+        return self.placement.export_dirs([Path(save)] if save else [], Path(save) if save else None)
 
     def _adopt_lineage(self, context, step: int) -> None:
         """A resumed run continues the run it resumed from: its identity, exported
@@ -317,14 +302,10 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             log.info("hf_export: resumed at iteration %d: continuing run %s (its state in the checkpoint: exported %s)",
                      step, self.scheduler.run_id, sorted(self.scheduler.done_steps))
         else:
-            self.scheduler.run_id = data["run_id"]
-            self.scheduler.done_steps.add(step)
-            self.scheduler.owned.append(data["path"])
+            self.scheduler.adopt(data["run_id"], step, data["path"])
             log.info("hf_export: resumed at iteration %d: its export %s exists; continuing run %s", step, data["path"], data["run_id"])
 
     def _find_run_state(self, context, step: int) -> Optional[tuple]:
-        from ..publish import read_manifest
-
         ck = context.state.cfg.checkpoint
         dirs = [d for d in (getattr(ck, "load", None), getattr(ck, "save", None)) if d]
         for d in dirs:
@@ -337,9 +318,9 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
                     continue
                 return ("state", data)
         path = self._target(context, step, str(checkpoint_name(ck.save, step)))
-        m = read_manifest(path) or {}
-        if (m.get("producer") or {}).get("name") == "nemo-export-hooks" and m.get("step") == step and m.get("run_id"):
-            return ("manifest", {"run_id": str(m["run_id"]), "path": str(path)})
+        own = ownership(path)
+        if own.ours and own.step == step and own.run_id:
+            return ("manifest", {"run_id": str(own.run_id), "path": str(path)})
         return None
 
     def _save_run_state(self, ckpt: Path, n: int) -> None:
@@ -357,10 +338,10 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         if not ckpt.is_dir():  # rotated away already: never re-create a checkpoint directory
             log.warning("hf_export: could not save the export state of iteration %d: %s no longer exists", n, ckpt)
             return
-        from ..publish import _atomic_write_text
+        from ..store.fs import atomic_write_text
 
         try:
-            _atomic_write_text(ckpt / STATE_NAME, json.dumps(st, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(ckpt / STATE_NAME, json.dumps(st, indent=1, sort_keys=True) + "\n")
         except OSError as e:
             log.warning("hf_export: could not save the export state of iteration %d in its checkpoint: %s", n, e)
 
@@ -368,7 +349,8 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
         """Rank 0: iteration ``n`` is being saved (again): an export of ours already inside
         ``iter_n/`` was made from an earlier save of ``n`` (a discarded run's weights), so it
         is removed before anything else (the new export, if it succeeds, takes its place)."""
-        from ..publish import _remove_tree, is_our_export
+        from ..store.fs import remove_tree
+        from ..store.manifest import is_our_export
 
         sch = self.scheduler
         if sch.rank != 0 or not self._inside() or n in sch.done_steps:
@@ -387,30 +369,25 @@ class HFExportBridgeCallback(RunResults, _BridgeCallback):
             log.warning("hf_export: %s is not an export of ours; it was left alone, although iteration %d was saved again", path, n)
             return
         try:
-            _remove_tree(path)
+            remove_tree(path)
         except OSError as e:
             log.warning("hf_export: could not remove %s, made from an earlier save of iteration %d: %s", path, n, e)
             return
-        sch.owned = [p for p in sch.owned if p != str(path)]
+        sch.disown(str(path))
         log.info("hf_export: removed %s: it held the weights of an earlier save of iteration %d (a discarded run), not of the checkpoint saved now", path, n)
 
     def _set_tokenizer(self, context) -> None:
-        tok = self.config.tokenizer
-        if isinstance(tok, (str, Path)) and str(tok) == "auto":
-            cfg = context.state.cfg
-            saver = _tokenizer_saver(getattr(getattr(cfg, "dataset", None), "tokenizer", None))
-            model_dir = getattr(getattr(cfg, "tokenizer", None), "tokenizer_model", None)
-            if saver is None and model_dir and Path(str(model_dir)).is_dir():
-                saver = str(model_dir)
-            self.scheduler.tokenizer = saver
-        elif isinstance(tok, (str, Path)):
-            self.scheduler.tokenizer = str(Path(tok).expanduser())
-        else:
-            self.scheduler.tokenizer = tok
+        """``tokenizer="auto"``: Bridge's dataset tokenizer if it can ``save_pretrained``, else
+        ``cfg.tokenizer.tokenizer_model`` when that is a directory."""
+        cfg = context.state.cfg
+        self.scheduler.tokenizer = self.placement.tokenizer(
+            found=[getattr(getattr(cfg, "dataset", None), "tokenizer", None)],
+            model_dirs=[getattr(getattr(cfg, "tokenizer", None), "tokenizer_model", None)],
+        )
 
     @staticmethod
     def _clean_stale_staging(save: Optional[Path], dirpath: Optional[Path] = None) -> None:
-        from ..publish import clean_stale_staging
+        from ..store.commit import clean_stale_staging
 
         dirs = []
         if save is not None and save.is_dir():

@@ -147,7 +147,8 @@ def main(argv=None) -> int:
 
     from ..callback import HFExportCallback
     from ..exporter import writer as writer_mod
-    from ..publish import read_manifest, verify_export
+    from ..store.manifest import read_manifest
+    from ..verify import verify_export
     from .cpu import init_single_process, megatron_logits
 
     torch.set_num_threads(1)
