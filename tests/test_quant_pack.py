@@ -407,7 +407,7 @@ EXCLUDE = ["model.embed_tokens", "lm_head", "*.mlp.gate", "lm_head"]
 def test_quant_config_files_fp8():
     hf, qc = quant_config_files("FP8", EXCLUDE, "1.2.3")
     assert hf == {
-        "producer": {"name": "nemo_export_hooks", "version": "1.2.3"},
+        "producer": {"name": "nemo-export-hooks", "version": "1.2.3"},
         "quantization": {
             "quant_algo": "FP8",
             "kv_cache_quant_algo": None,
@@ -424,7 +424,7 @@ def test_quant_config_files_fp8():
         },
         "ignore": ["*.mlp.gate", "lm_head", "model.embed_tokens"],
         "quant_algo": "FP8",
-        "producer": {"name": "nemo_export_hooks", "version": "1.2.3"},
+        "producer": {"name": "nemo-export-hooks", "version": "1.2.3"},
         "quant_method": "modelopt",
     }
 

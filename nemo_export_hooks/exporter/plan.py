@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 # Parameters of a model chunk that the plan maps (the layers, embedding, final norm, output).
 _MAPPED_PREFIXES = ("embedding.word_embeddings.", "decoder.layers.", "decoder.final_layernorm.", "decoder.final_norm.", "output_layer.")
 
-QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
-
 
 @dataclass
 class Job:

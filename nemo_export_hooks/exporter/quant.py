@@ -570,7 +570,9 @@ def quant_config_files(algo: str, exclude_modules: list[str], producer_version: 
             raise ValueError("mixed-precision (per-layer) quantization export is not supported")
         raise ValueError(f"unsupported quantization algo {algo!r}; supported: {list(format_names())}")
     exclude = sorted(set(str(m) for m in exclude_modules))
-    producer = {"name": "nemo_export_hooks", "version": str(producer_version)}
+    from ..store.layout import PRODUCER_NAME  # one spelling of the producer, the manifest's
+
+    producer = {"name": PRODUCER_NAME, "version": str(producer_version)}
     quantization: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": None, **copy.deepcopy(fmt.hf_quant_extra)}
     quantization["exclude_modules"] = exclude
     hf_quant_config = {"producer": producer, "quantization": quantization}
