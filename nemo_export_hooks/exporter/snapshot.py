@@ -73,11 +73,16 @@ class _Pool:
     """One host buffer, page-locked when ``pinned``; unregistered when replaced."""
 
     def __init__(self, nbytes: int, pin: bool):
+        t0 = time.perf_counter()
         self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.pinned = False
         self.busy = False  # fallback when the use count is unknown: set by take(), cleared by release()
+        t1 = time.perf_counter()
         if pin:
             self.pinned = _register(self.buf)
+        # where a reservation's time goes (issue 25): the allocation, then page-locking (which
+        # faults in every page of the buffer)
+        self.seconds = {"alloc_s": t1 - t0, "pin_s": time.perf_counter() - t1}
         self._base_uses = _uses(self.buf)
 
     def in_use(self) -> bool:
