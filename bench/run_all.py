@@ -175,10 +175,12 @@ def build_report(th: dict, st: dict, sc: list, meta: dict) -> tuple[str, dict]:
     lines.append("### Training stall (CPU Lightning run, fp32 model exported as bf16, export every "
                  f"{meta['every']} steps)")
     lines.append("")
-    lines.append("| model GB | export GB | step s | sync stall s | async stall s | = own wait s | + contention s | host copy s | snapshot s | async extra / export s | **own wait / host copy** | contention / host copy | async stall / host copy |")
-    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    worst = worst_wait = 0.0
+    lines.append("| model GB | export GB | step s | sync stall s | async stall s | = own wait s | + contention s | host copy s | snapshot s | async extra / export s | own wait / host copy | **snapshot / host copy, alternated pairs** | contention / host copy | async stall / host copy |")
+    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    worst = worst_wait = worst_pairs = 0.0
     for r in st["sizes"]:
+        pairs = r.get("snapshot_over_copy_pairs", float("nan"))
+        worst_pairs = max(worst_pairs, pairs)
         hc = r["host_copy_s"] if r["host_copy_s"] > 0 else float("nan")
         wait = r.get("async_wait_s", r["async_blocking_s"])
         cont = r.get("async_contention_s", r["async_stall_s"] - wait)
@@ -186,12 +188,16 @@ def build_report(th: dict, st: dict, sc: list, meta: dict) -> tuple[str, dict]:
         worst, worst_wait = max(worst, ratio), max(worst_wait, wait / hc)
         lines.append(f"| {r['model_bytes'] / 1e9:.2f} | {r['export_bytes'] / 1e9:.2f} | {r['normal_step_s']:.3f} | {r['sync_stall_s']:.3f} | "
                      f"{r['async_stall_s']:.3f} | {wait:.3f} | {cont:.3f} | {r['host_copy_s']:.3f} | {r['snapshot_s']:.3f} | "
-                     f"{r['async_extra_per_export_s']:.3f} | {wait / hc:.2f} | {cont / hc:.2f} | {ratio:.2f} |")
-    verdict["stall"] = worst_wait  # issue 25: the target is judged on the training thread's own wait
+                     f"{r['async_extra_per_export_s']:.3f} | {wait / hc:.2f} | {pairs:.2f} | {cont / hc:.2f} | {ratio:.2f} |")
+    # issue 25: judged on the training thread's own work (plan + host snapshot) against the host
+    # copy, alternated in pairs outside training (each pair sees the same machine load)
+    verdict["stall"] = worst_pairs
+    verdict["stall_own_wait_in_training"] = worst_wait
     verdict["stall_with_contention"] = worst
     lines.append("")
-    lines.append(f"The training thread's own wait for an async export (plan + host snapshot) / host copy, worst size: "
-                 f"**{fmt_ratio(worst_wait, TARGETS['stall'], le=True)}**.  Measured apart, in the same export steps: "
+    lines.append(f"The training thread's own work for an async export (plan + host snapshot) / host copy, alternated in "
+                 f"pairs outside training, worst size: **{fmt_ratio(worst_pairs, TARGETS['stall'], le=True)}**; its wait "
+                 f"inside the training run (`blocking_seconds`) / host copy, worst size: {worst_wait:.2f}.  Measured apart, in the same export steps: "
                  f"contention, the step's extra time beyond that wait (the background writer's page-cache copies and sha256 "
                  f"on the same {meta['cpus']} cores as training; a GPU node's training does not use them); the whole step's "
                  f"stall / host copy, worst size: {worst:.2f} (not the target).")
