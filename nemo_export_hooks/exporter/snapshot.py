@@ -72,7 +72,7 @@ def _uses(buf: torch.Tensor) -> Optional[int]:
 class _Pool:
     """One host buffer, page-locked when ``pinned``; unregistered when replaced."""
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, pin: bool, touch: bool = True):
         t0 = time.perf_counter()
         self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.pinned = False
@@ -80,9 +80,15 @@ class _Pool:
         t1 = time.perf_counter()
         if pin:
             self.pinned = _register(self.buf)
-        # where a reservation's time goes (issue 25): the allocation, then page-locking (which
-        # faults in every page of the buffer)
-        self.seconds = {"alloc_s": t1 - t0, "pin_s": time.perf_counter() - t1}
+        t2 = time.perf_counter()
+        if touch and not self.pinned:
+            # Fault the pages in now (page-locking does it for a pinned pool): a pool reserved
+            # at setup (``reserve_host``) must not leave the first-touch cost, seconds per GB
+            # on a busy host, to the first export's training-thread wait.
+            self.buf.zero_()
+        # where a reservation's time goes (issue 25): the allocation, page-locking (which
+        # faults in every page of the buffer), or else touching the pages
+        self.seconds = {"alloc_s": t1 - t0, "pin_s": t2 - t1, "touch_s": time.perf_counter() - t2}
         self._base_uses = _uses(self.buf)
 
     def in_use(self) -> bool:
@@ -133,7 +139,7 @@ def reserve(nbytes: int, pin: bool) -> _Pool:
         p = _POOL
         if p is not None and p.in_use():
             log.info("HF export: the host snapshot buffer is still in use; allocating a fresh (pageable) one for this export")
-            return _Pool(nbytes, pin=False)
+            return _Pool(nbytes, pin=False, touch=False)  # one export's: its copy touches the pages once
         if p is not None and p.buf is not None and p.buf.numel() == max(nbytes, 1) and (p.pinned or not pin):
             return p
         if p is not None:
