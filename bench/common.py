@@ -284,6 +284,30 @@ def median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+CALLER_PHASES = ("plan_s", "reserve_s", "convert_s", "copy_s", "write_s", "commit_s")
+WRITER_PHASES = ("pwrite_s", "hash_s", "fsync_s", "rename_s")  # = exporter.writer.WRITER_PHASES
+
+
+def median_phases(runs: list) -> dict:
+    """Per-key median of several ``ExportResult.phases`` dicts."""
+    keys = [k for k in runs[0]] if runs else []
+    return {k: median([r.get(k, 0.0) for r in runs]) for k in keys}
+
+
+def profile_line(phases: dict, seconds: Optional[float] = None) -> str:
+    """``ExportResult.phases`` as one line: the calling thread's phases (they add up to at most
+    the export's seconds) and, apart, the writer threads' mean busy seconds (they run beside
+    the conversion, so they are a breakdown of the write, not more terms of the sum)."""
+    own = [(k, phases[k]) for k in CALLER_PHASES if k in phases]
+    line = " + ".join(f"{k[:-2]} {v:.2f}" for k, v in own) + f" = {sum(v for _, v in own):.2f} s"
+    if seconds is not None:
+        line += f" of {seconds:.2f} s"
+    wr = [(k, phases[k]) for k in WRITER_PHASES if k in phases]
+    if wr:
+        line += "; per writer thread (mean busy, beside the above): " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in wr) + " s"
+    return line
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -48,6 +48,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import profile_line  # noqa: E402  (stdlib only at import)
 
 T_START = time.perf_counter()
 DEADLINE_S = 420
@@ -310,19 +313,24 @@ def ours_async(model, torch):
         t0 = time.perf_counter()
         prepare_export(model, "qwen3_moe", torch.bfloat16, check_hf_keys=False).reserve_host()  # at setup
         reserve_s = time.perf_counter() - t0
+        from nemo_export_hooks.exporter import snapshot as _snap
+
+        reserve_split = dict(_snap._POOL.seconds) if _snap._POOL is not None else {}
         for i in range(2):
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t_start = time.perf_counter()
             prepared = prepare_export(model, "qwen3_moe", torch.bfloat16, check_hf_keys=False)
+            plan_s = time.perf_counter() - t_start
             snap = prepared.host_snapshot()
-            stall = time.perf_counter() - t0
+            stall = time.perf_counter() - t_start
             share = sum(t.numel() * t.element_size() for _, t in snap)
             t0 = time.perf_counter()
-            res = write_prepared(prepared, snap, WORK / f"async{i}")
+            res = write_prepared(prepared, snap, WORK / f"async{i}", t0=t_start)  # phases add up within res.seconds
             write_s = time.perf_counter() - t0
             del snap
             manifest = json.loads((WORK / f"async{i}" / "export_manifest.json").read_text())
             runs.append({"stall_s": stall, "write_s": write_s, "bytes": res.total_bytes, "files": len(res.files),
+                         "profile": {"plan_s": round(plan_s, 4), **res.phases}, "profile_seconds": res.seconds,
                          "sha": {k: v.get("sha256") for k, v in manifest.get("files", {}).items() if k.endswith(".safetensors")}})
             shutil.rmtree(WORK / f"async{i}")
     from nemo_export_hooks.exporter import snapshot
@@ -333,7 +341,7 @@ def ours_async(model, torch):
     same = runs[0]["sha"] == runs[1]["sha"]
     for r in runs:
         r.pop("sha")
-    return {"reserve_s": reserve_s, "runs": runs, "share_bytes": share, "host_peak_added": mem.added,
+    return {"reserve_s": reserve_s, "reserve_split_s": reserve_split, "runs": runs, "share_bytes": share, "host_peak_added": mem.added,
             "host_peak_over_share": mem.added / share, "outputs_identical": same}
 
 
@@ -360,10 +368,11 @@ def ours_sync(model, torch):
         res = our_export(model, WORK / f"sync{i}", torch, writers=n)
         dt = time.perf_counter() - t0
         runs.append({"label": label, "writers": n, "seconds": dt, "gb_per_s": res.total_bytes / 1e9 / dt,
-                     "bytes": res.total_bytes, "phases": res.phases, "adjacent_limit_gb_per_s": adjacent and adjacent["gb_per_s"],
+                     "bytes": res.total_bytes, "phases": res.phases, "profile_seconds": res.seconds,
+                     "adjacent_limit_gb_per_s": adjacent and adjacent["gb_per_s"],
                      "shards": sum(f.endswith(".safetensors") for f in res.files), "tensors": res.num_tensors})
         shutil.rmtree(WORK / f"sync{i}")
-        print(f"[gpu_export] sync {label}: {dt:.2f} s, {runs[-1]['gb_per_s']:.2f} GB/s, phases {res.phases}, "
+        print(f"[gpu_export] sync {label}: {dt:.2f} s, {runs[-1]['gb_per_s']:.2f} GB/s, phases {profile_line(res.phases, res.seconds)}, "
               f"adjacent limit {runs[-1]['adjacent_limit_gb_per_s']}", flush=True)
     return {"runs": runs}
 
@@ -492,24 +501,26 @@ def table() -> str:
     if a:
         for i, r in enumerate(a["runs"]):
             ratio = f"{r['stall_s'] / d2h['seconds']:.2f}x the pinned copy" if d2h else "-"
-            rows.append(f"| ours async #{i + 1}: training-thread wait (plan + snapshot) | {r['stall_s']:.3f} | {r['bytes'] / 1e9 / r['stall_s']:.1f} | {ratio} | <= 2x |")
+            rows.append(f"| ours async #{i + 1}: training-thread wait (plan + snapshot) | {r['stall_s']:.3f} | {r['bytes'] / 1e9 / r['stall_s']:.1f} | {ratio} | <= 1.3x |")
             rows.append(f"| ours async #{i + 1}: background write ({r['files']} files) | {r['write_s']:.2f} | {r['bytes'] / 1e9 / r['write_s']:.2f} | "
-                        f"{(r['bytes'] / 1e9 / r['write_s']) / disk['best_gb_per_s']:.2f}x best durable | - |" if disk else "")
+                        f"{(r['bytes'] / 1e9 / r['write_s']) / disk['best_gb_per_s']:.2f}x best durable | >= 0.95x |" if disk else "")
         rows.append(f"| ours async: host memory peak added | - | - | {a['host_peak_over_share']:.3f}x the share ({a['host_peak_added'] / 1e9:.2f} GB) | <= 1.1x |")
-        rows.append(f"| ours async: pool reserved at setup | {a['reserve_s']:.2f} | - | - | - |")
+        split = ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in (a.get("reserve_split_s") or {}).items())
+        rows.append(f"| ours async: pool reserved at setup ({split or 'plan + pool'}) | {a['reserve_s']:.2f} | - | - | say where it goes |")
     s = P.get("ours_sync")
     if s:
         for i, r in enumerate(s["runs"]):
             ratio = f"{r['gb_per_s'] / disk['best_gb_per_s']:.2f}x best durable" if disk else "-"
             if r.get("adjacent_limit_gb_per_s"):
                 ratio += f"; {r['gb_per_s'] / r['adjacent_limit_gb_per_s']:.2f}x the same measured just before ({r['adjacent_limit_gb_per_s']:.2f} GB/s)"
-            rows.append(f"| ours sync export_to_hf, {r.get('label', i)} ({r['shards']} shards, {r.get('writers')} writers) | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {ratio} | >= 0.9x |")
+            target = ">= 0.9x, plan <= 0.3 s" if r.get("label") == "first" else ">= 0.95x"
+            rows.append(f"| ours sync export_to_hf, {r.get('label', i)} ({r['shards']} shards, {r.get('writers')} writers) | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {ratio} | {target} |")
     m = P.get("modelopt_bf16")
     if m:
         ours_best = min(r["seconds"] for r in s["runs"]) if s else float("nan")
         rows.append(f"| ModelOpt export_mcore_gpt_to_hf (SequentialMLP copy) | {m['export_s']:.2f} | {m['bytes'] / 1e9 / m['export_s']:.2f} | - | - |")
         rows.append(f"| ModelOpt + fsync of its files | {m['export_fsync_s']:.2f} | {m['bytes'] / 1e9 / m['export_fsync_s']:.2f} | "
-                    f"ours sync / ModelOpt+fsync = {ours_best / m['export_fsync_s']:.2f} | <= 1 |")
+                    f"ours sync / ModelOpt+fsync = {ours_best / m['export_fsync_s']:.2f} | <= 0.5 |")
     for fmt in ("NVFP4", "FP8"):
         q = P.get(f"quant_{fmt}")
         if q:
@@ -518,8 +529,14 @@ def table() -> str:
     notes = []
     if a:
         notes.append(f"async outputs of the two exports identical (sha256 of every shard): {a['outputs_identical']}")
+    if a:  # where the time goes (ExportResult.phases: the exporter's own clocks)
+        for i, r in enumerate(a["runs"]):
+            if r.get("profile"):
+                notes.append(f"where the time goes, async #{i + 1} (plan + snapshot on the training thread, then the write): "
+                             f"{profile_line(r['profile'], r.get('profile_seconds'))}")
     if s:
-        notes.append("sync phases (s): " + "; ".join(f"{r.get('label')}: {r.get('phases')}" for r in s["runs"]))
+        for r in s["runs"]:
+            notes.append(f"where the time goes, sync {r.get('label')}: {profile_line(r['phases'], r.get('profile_seconds'))}")
     if m:
         notes.append(f"ModelOpt vs ours: same names {m['names_equal']} (ours only {m['ours_only']}, ModelOpt only {m['modelopt_only']}); "
                      f"{m['sampled']} sampled tensors, differing: {m['sampled_differ']}; import patches: {m['import_patches']}")

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import foreign_cpu, load_average, median, plot, wait_for_quiet  # noqa: E402
+from common import foreign_cpu, load_average, median, plot, profile_line, wait_for_quiet  # noqa: E402
 
 TARGETS = {"throughput": 0.7, "stall": 1.5, "memory": 1.25}
 
@@ -55,12 +55,18 @@ NOTES = """### How to read these numbers
   and the atomic publish.  The writer lays out every part's header from the plan before the
   first tensor is converted, and writes parts in parallel (one thread per part, up to 8 or
   the cores), so the first export of a process costs what later ones do.
-* Training stall: `async blocking` is what the training thread itself waits for (plan +
-  host snapshot + agreement), to compare with the host copy alone.  `async stall` is the
-  extra wall time of the whole step, which on a CPU-only run also contains the background
-  writer's page-cache copies and sha256 competing with training for the same cores; on a
-  GPU node training does not use those cores.  `async extra / export` spreads the run's
-  whole extra time over its exports.
+* Training stall: `own wait` is what the training thread itself waits for (plan + host
+  snapshot + agreement; the callback's `blocking_seconds`, mean over the export steps), to
+  compare with the host copy alone: the target.  `async stall` is the extra wall time of
+  the whole step; `contention` = stall - own wait, in the same steps, is the background
+  writer's page-cache copies and sha256 competing with training for the same cores, which
+  on a GPU node training does not use.  `async extra / export` spreads the run's whole
+  extra time over its exports.
+* Where the time goes: `ExportResult.phases`, the exporter's own `perf_counter` clocks.  The
+  calling thread's phases (plan, reserve, convert, copy, write, commit) add up to at most the
+  export's seconds; `write` is its time in the writer (writing with 1 writer, else waiting
+  for the writer threads).  The writer threads' pwrite / hash / fsync / rename are the mean
+  thread's busy seconds, running beside the conversion: a breakdown of the write.
 * Memory: the sync export streams (each tensor is written and dropped), so its peak is about
   the largest tensor being converted; the async path holds by design one host snapshot of
   the rank's tensors (what lets training resume), then writes it the same way.
@@ -137,6 +143,13 @@ def build_report(th: dict, st: dict, sc: list, meta: dict) -> tuple[str, dict]:
     lines.append(f"export phases (median): plan incl. HF key check {ph.get('plan', 0):.2f} s (key check {ph.get('hf_key_check', 0):.2f} s), "
                  f"commit (index, manifest, publish) {ph.get('commit', 0):.2f} s, convert + write + fsync {ex - ph.get('plan', 0) - ph.get('commit', 0):.2f} s; "
                  f"runs: export {', '.join(f'{x:.2f}' for x in main['export_s'])} s, dd {', '.join(f'{x:.2f}' for x in main['dd_s'])} s.")
+    if main.get("profile"):
+        lines.append("")
+        lines.append(f"**Where the time goes** (`ExportResult.phases`, the exporter's own clocks), sync `export_to_hf`, median of "
+                     f"{len(main['export_s'])}: {profile_line(main['profile'], main.get('profile_seconds'))}.")
+        if m.get("async_profile"):
+            lines.append(f"Async (plan + host snapshot on the training thread, then the write): "
+                         f"{profile_line(m['async_profile'], m.get('async_seconds'))}.")
     lines.append("")
     lines.append("| export GB | export GB/s | dd GB/s | export / dd (medians) | export / dd (median of pairs) |")
     lines.append("|---:|---:|---:|---:|---:|")
@@ -162,21 +175,38 @@ def build_report(th: dict, st: dict, sc: list, meta: dict) -> tuple[str, dict]:
     lines.append("### Training stall (CPU Lightning run, fp32 model exported as bf16, export every "
                  f"{meta['every']} steps)")
     lines.append("")
-    lines.append("| model GB | export GB | step s | sync stall s | async stall s | async blocking s | host copy s | snapshot s | async extra / export s | async stall / host copy | async blocking / host copy |")
-    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    worst = worst_block = 0.0
+    lines.append("| model GB | export GB | step s | sync stall s | async stall s | = own wait s | + contention s | host copy s | snapshot s | async extra / export s | own wait / host copy | **snapshot / host copy, alternated pairs** | contention / host copy | async stall / host copy |")
+    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    worst = worst_wait = worst_pairs = 0.0
     for r in st["sizes"]:
-        ratio = r["async_stall_s"] / r["host_copy_s"] if r["host_copy_s"] > 0 else float("inf")
-        block = r["async_blocking_s"] / r["host_copy_s"] if r["host_copy_s"] > 0 else float("inf")
-        worst, worst_block = max(worst, ratio), max(worst_block, block)
+        pairs = r.get("snapshot_over_copy_pairs", float("nan"))
+        worst_pairs = max(worst_pairs, pairs)
+        hc = r["host_copy_s"] if r["host_copy_s"] > 0 else float("nan")
+        wait = r.get("async_wait_s", r["async_blocking_s"])
+        cont = r.get("async_contention_s", r["async_stall_s"] - wait)
+        ratio = r["async_stall_s"] / hc
+        worst, worst_wait = max(worst, ratio), max(worst_wait, wait / hc)
         lines.append(f"| {r['model_bytes'] / 1e9:.2f} | {r['export_bytes'] / 1e9:.2f} | {r['normal_step_s']:.3f} | {r['sync_stall_s']:.3f} | "
-                     f"{r['async_stall_s']:.3f} | {r['async_blocking_s']:.3f} | {r['host_copy_s']:.3f} | {r['snapshot_s']:.3f} | "
-                     f"{r['async_extra_per_export_s']:.3f} | {ratio:.2f} | {block:.2f} |")
-    verdict["stall"] = worst
-    verdict["blocking"] = worst_block
+                     f"{r['async_stall_s']:.3f} | {wait:.3f} | {cont:.3f} | {r['host_copy_s']:.3f} | {r['snapshot_s']:.3f} | "
+                     f"{r['async_extra_per_export_s']:.3f} | {wait / hc:.2f} | {pairs:.2f} | {cont / hc:.2f} | {ratio:.2f} |")
+    # issue 25: judged on the training thread's own work (plan + host snapshot) against the host
+    # copy, alternated in pairs outside training (each pair sees the same machine load)
+    verdict["stall"] = worst_pairs
+    verdict["stall_own_wait_in_training"] = worst_wait
+    verdict["stall_with_contention"] = worst
     lines.append("")
-    lines.append(f"async stall / host copy, worst size: **{fmt_ratio(worst, TARGETS['stall'], le=True)}**; "
-                 f"the training thread's own wait (blocking) / host copy, worst size: {worst_block:.2f}.")
+    lines.append(f"The training thread's own work for an async export (plan + host snapshot) / host copy, alternated in "
+                 f"pairs outside training, worst size: **{fmt_ratio(worst_pairs, TARGETS['stall'], le=True)}**; its wait "
+                 f"inside the training run (`blocking_seconds`) / host copy, worst size: {worst_wait:.2f}.  Measured apart, in the same export steps: "
+                 f"contention, the step's extra time beyond that wait (the background writer's page-cache copies and sha256 "
+                 f"on the same {meta['cpus']} cores as training; a GPU node's training does not use them); the whole step's "
+                 f"stall / host copy, worst size: {worst:.2f} (not the target).")
+    big = st["sizes"][-1] if st["sizes"] else {}
+    for mode in ("sync", "async"):
+        p = big.get(f"{mode}_profile")
+        if p:
+            lines.append("")
+            lines.append(f"{mode} export in training ({big['layers']}x{big['experts']}), its phases: {profile_line(p['phases'], p['seconds'])}.")
 
     lines.append("")
     lines.append(f"### Scaling over expert parallelism (bench/export_scaling.py, torchrun + gloo on {meta['cpus']} cores)")

@@ -40,7 +40,9 @@ from common import (  # noqa: E402
     fsync_tree,
     load_average,
     median,
+    median_phases,
     model_bytes,
+    profile_line,
     quiet_env,
     rmtree,
     trim_heap,
@@ -67,6 +69,8 @@ def export_once(model, out: Path, phases: dict) -> dict:
         "shards": len(shards),
         "largest_shard": max(p.stat().st_size for p in shards),
         "phases": dict(phases),
+        "profile": dict(res.phases),  # the exporter's own per-phase seconds (ExportResult.phases)
+        "profile_seconds": res.seconds,
     }
     return info
 
@@ -94,9 +98,11 @@ def memory_run(model, out: Path) -> dict:
     largest = max(p.stat().st_size for p in (out / "mem-sync").glob("*.safetensors"))
     rmtree(out / "mem-async")
     with PeakRSS() as asyn:
+        t0 = time.perf_counter()  # as the callback does: plan + snapshot count in the export's seconds
         prepared = prepare_export(model, ARCH, "bfloat16", check_hf_keys=False)
+        plan_s = time.perf_counter() - t0
         snapshot = prepared.host_snapshot()
-        write_prepared(prepared, snapshot, out / "mem-async")
+        res = write_prepared(prepared, snapshot, out / "mem-async", t0=t0)
         del snapshot
     rmtree(out / "mem-async")
     return {
@@ -107,6 +113,8 @@ def memory_run(model, out: Path) -> dict:
         "sync_added": sync.added,
         "sync_base": sync.base,
         "async_added": asyn.added,
+        "async_profile": {"plan_s": round(plan_s, 4), **res.phases},
+        "async_seconds": res.seconds,
     }
 
 
@@ -196,6 +204,8 @@ def main(argv=None) -> int:
         row["file_bytes"] = exports[0]["file_bytes"]
         row["shards"] = exports[0]["shards"]
         row["phases_s"] = {k: median([e["phases"].get(k, 0.0) for e in exports]) for k in exports[0]["phases"]}
+        row["profile"] = median_phases([e["profile"] for e in exports])
+        row["profile_seconds"] = median([e["profile_seconds"] for e in exports])
         result["sizes"].append(row)
         del model
         trim_heap()
@@ -223,7 +233,12 @@ def print_table(result: dict) -> None:
     if b:
         gb = main["bytes"] / 1e9
         print(f"save_file {gb / median(b['save_file_s']):.2f} GB/s, save_pretrained {gb / median(b['save_pretrained_s']):.2f} GB/s")
+    print(f"where the time goes, sync export_to_hf of {main['bytes'] / 1e9:.2f} GB (median of {len(main['export_s'])}): "
+          f"{profile_line(main['profile'], main['profile_seconds'])}")
     m = main.get("memory")
+    if m and m.get("async_profile"):
+        print(f"where the time goes, async (plan + host snapshot on the training thread, then the write): "
+              f"{profile_line(m['async_profile'], m['async_seconds'])}")
     if m:
         print(f"memory: sync export adds {m['sync_added'] / 1e6:.0f} MB ({m['sync_added'] / m['model_bytes']:.3f} x model bytes), "
               f"async (snapshot + write) {m['async_added'] / 1e6:.0f} MB ({m['async_added'] / m['model_bytes']:.3f} x)")

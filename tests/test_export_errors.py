@@ -205,7 +205,7 @@ def test_name_check_beside_the_write_refuses_before_publishing(mcore, tmp_path):
         export_to_hf(m, out, arch="qwen3_moe", hf_config_overrides={"vocab_size": 7})
     assert not out.exists() and _no_staging(tmp_path)
     res = export_to_hf(m, out, arch="qwen3_moe")  # the same directory is free for a good export
-    assert set(res.phases) == {"prepare_s", "write_s", "commit_s"} and all(v >= 0 for v in res.phases.values())
+    assert {"plan_s", "write_s", "commit_s"} <= set(res.phases) and all(v >= 0 for v in res.phases.values())
 
 
 # -- the output path is checked before writing; I/O errors name the file (issue 15, item 5)

@@ -59,8 +59,13 @@ class ExportResult:
     seconds: float
     files: list[str] = field(default_factory=list)
     quant_algo: Optional[str] = None
-    # seconds per phase: prepare (plan, checks; export_to_hf only), write (convert, copy to
-    # the host, write + fsync the parts), commit (index, config, manifest, publish)
+    # seconds per phase of the calling thread, which add up to at most ``seconds``: plan
+    # (export_to_hf only), reserve (host pool; async), convert (gathers, casts, splits,
+    # packing), copy (device->host), write (in the writer: writing, or waiting for its
+    # threads), commit (index, config, manifest, publish); for a host snapshot, reserve,
+    # convert and copy are the snapshot's (inside ``seconds`` when ``t0`` precedes it).  Then
+    # the writer threads' busy seconds (mean per thread, beside the above, not added to
+    # it): pwrite, hash, fsync, rename.
     phases: dict = field(default_factory=dict)
 
     @property
@@ -94,9 +99,10 @@ class PreparedExport:
     def tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """Gather/pack/split this rank's tensors (a collective generator), converted on the
         weights' device and handed over on the host.  A tensor of a CPU model may share the
-        model's storage: write it (or copy it) before the model changes."""
-        for name, t in run_jobs(self.plan, self.dtype):
-            yield name, (t if t.device.type == "cpu" else t.to("cpu"))
+        model's storage: write it (or copy it) before the model changes.  Timed: ``.phases``."""
+        from .snapshot import HostStream
+
+        return HostStream(run_jobs(self.plan, self.dtype))
 
     def reserve_host(self) -> None:
         """Allocate (and page-lock, on a GPU) the host snapshot buffer now, e.g. at setup,
@@ -365,7 +371,10 @@ def write_prepared(
     _, n, total, files = result_or_err
     end = time.perf_counter()
     seconds = end - t0
-    phases = {"prepare_s": prepare_s, "write_s": t_commit - t_write, "commit_s": end - t_commit}
+    made = dict(getattr(tensors, "phases", None) or {})  # HostStream / HostSnapshot: reserve, convert, copy
+    stream_s = 0.0 if in_memory else sum(made.values())  # a stream's work happened inside the write
+    phases = {"plan_s": prepare_s, **made, "write_s": max(0.0, t_commit - t_write - stream_s),
+              "commit_s": end - t_commit, **(writer.timings if writer is not None else {})}
     res = ExportResult(out_dir, n, total, seconds, files, prepared.quant_algo,
                        {k: round(v, 4) for k, v in phases.items() if v is not None})
     if rank0:

@@ -25,12 +25,21 @@ so a snapshot dropped without :meth:`HostSnapshot.release`, e.g. after a failed 
 it too, and tensors a caller still holds are never overwritten); otherwise the export gets a
 fresh pageable buffer of its own (slower, never wrong).  ``write_prepared`` releases the
 snapshot it wrote.
+
+Profile: both producers of host tensors, :func:`take` (async) and :class:`HostStream` (the
+sync export's stream), time the calling thread with ``perf_counter`` and keep the seconds in
+``.phases``: ``reserve_s`` (the pool: allocation and page-locking; ``take`` only),
+``convert_s`` (inside ``run_jobs``: tensor-parallel gathers, casts, splits, quantized
+packing) and ``copy_s`` (the device->host copies).  On a GPU the conversion kernels run
+asynchronously, so the copy's wait also covers the kernels queued before it: ``convert_s``
+is then the launch cost and ``copy_s`` the device time the thread waited for.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Iterable, Optional
 
 import torch
@@ -63,12 +72,23 @@ def _uses(buf: torch.Tensor) -> Optional[int]:
 class _Pool:
     """One host buffer, page-locked when ``pinned``; unregistered when replaced."""
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, pin: bool, touch: bool = True):
+        t0 = time.perf_counter()
         self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.pinned = False
         self.busy = False  # fallback when the use count is unknown: set by take(), cleared by release()
+        t1 = time.perf_counter()
         if pin:
             self.pinned = _register(self.buf)
+        t2 = time.perf_counter()
+        if touch and not self.pinned:
+            # Fault the pages in now (page-locking does it for a pinned pool): a pool reserved
+            # at setup (``reserve_host``) must not leave the first-touch cost, seconds per GB
+            # on a busy host, to the first export's training-thread wait.
+            self.buf.zero_()
+        # where a reservation's time goes (issue 25): the allocation, page-locking (which
+        # faults in every page of the buffer), or else touching the pages
+        self.seconds = {"alloc_s": t1 - t0, "pin_s": t2 - t1, "touch_s": time.perf_counter() - t2}
         self._base_uses = _uses(self.buf)
 
     def in_use(self) -> bool:
@@ -119,7 +139,7 @@ def reserve(nbytes: int, pin: bool) -> _Pool:
         p = _POOL
         if p is not None and p.in_use():
             log.info("HF export: the host snapshot buffer is still in use; allocating a fresh (pageable) one for this export")
-            return _Pool(nbytes, pin=False)
+            return _Pool(nbytes, pin=False, touch=False)  # one export's: its copy touches the pages once
         if p is not None and p.buf is not None and p.buf.numel() == max(nbytes, 1) and (p.pinned or not pin):
             return p
         if p is not None:
@@ -133,6 +153,7 @@ class HostSnapshot(list):
     buffer back for the next export once nothing reads these tensors any more."""
 
     pool: Optional[_Pool] = None
+    phases: Optional[dict] = None  # seconds of the calling thread: reserve_s, convert_s, copy_s
 
     def release(self) -> None:
         pool, self.pool = self.pool, None
@@ -148,6 +169,8 @@ def layout_bytes(layout) -> int:
 
 def take(items: Iterable[tuple[str, torch.Tensor]], layout, on_cuda: bool) -> HostSnapshot:
     """Copy ``items`` (what ``run_jobs`` yields, in ``layout`` order) into the pool."""
+    clock = time.perf_counter
+    t_start = clock()
     pool = reserve(layout_bytes(layout), pin=on_cuda)
     with _LOCK:
         pool.busy = True
@@ -159,13 +182,24 @@ def take(items: Iterable[tuple[str, torch.Tensor]], layout, on_cuda: bool) -> Ho
         n = _nbytes(dt, shape)
         views.append((name, pool.buf.narrow(0, off, n).view(dt).view(shape)))
         off += _aligned(n)
+    phases = {"reserve_s": clock() - t_start, "convert_s": 0.0, "copy_s": 0.0}
     failure: Optional[BaseException] = None
     i = 0
     pending, prev_event = 0, None
+    it = iter(items)
     try:
-        for name, t in items:  # a collective generator: drained even after a failure
+        while True:  # a collective generator: drained even after a failure
+            t_next = clock()
+            try:
+                name, t = next(it)
+            except StopIteration:
+                break
+            finally:
+                phases["convert_s"] += clock() - t_next
             if failure is not None:
+                del t
                 continue
+            t_copy = clock()
             try:
                 if i >= len(views):
                     raise RuntimeError(f"the export produced {name!r} beyond the {len(views)} tensors its plan lists")
@@ -190,8 +224,11 @@ def take(items: Iterable[tuple[str, torch.Tensor]], layout, on_cuda: bool) -> Ho
             finally:
                 del t
                 view = None  # no reference to the buffer left in this frame (a traceback keeps it)
+                phases["copy_s"] += clock() - t_copy
+        t_sync = clock()
         if on_cuda:
             torch.cuda.synchronize()
+        phases["copy_s"] += clock() - t_sync
         if failure is None and i != len(views):
             failure = RuntimeError(f"the export produced {i} tensors where its plan lists {len(views)}")
     except BaseException:
@@ -203,4 +240,40 @@ def take(items: Iterable[tuple[str, torch.Tensor]], layout, on_cuda: bool) -> Ho
         snap.release()
         raise failure
     snap.extend(views)
+    snap.phases = phases
     return snap
+
+
+class HostStream:
+    """The sync export's tensors: ``run_jobs``' results handed over on the host one at a
+    time (``.to("cpu")`` for a GPU model; a CPU model's tensors pass as they are and may share
+    its storage), with the calling thread's ``convert_s`` and ``copy_s`` in ``.phases``."""
+
+    def __init__(self, items: Iterable[tuple[str, torch.Tensor]]):
+        self.phases = {"convert_s": 0.0, "copy_s": 0.0}
+        self._gen = self._run(iter(items))
+
+    def __iter__(self) -> "HostStream":
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def _run(self, it):
+        clock, phases = time.perf_counter, self.phases
+        while True:
+            t0 = clock()
+            try:
+                name, t = next(it)
+            except StopIteration:
+                return
+            finally:
+                phases["convert_s"] += clock() - t0
+            t1 = clock()
+            if t.device.type != "cpu":
+                t = t.to("cpu")
+            phases["copy_s"] += clock() - t1
+            yield name, t
