@@ -5,6 +5,6 @@ cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVIDIA_TF32_OVERRIDE=0 TRITON_F32_DEFAULT=ieee HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 MAMBA_WHEELS=${MAMBA_WHEELS:-/root/stage_a/mamba} bash scripts/mamba_gpu/device_setup.sh 2>&1 | tail -9
 export PYTHONPATH=/root/site:$PWD GPU_RESULTS=$OUT/nemotron_h_results.jsonl GPU_ARTIFACTS=/tmp/nh_art
-timeout ${NH_TIMEOUT:-300} python3 -m pytest -m gpu -q -rA -p no:cacheprovider tests/gpu/test_gpu_nemotron_h.py --junitxml=/tmp/nh_junit.xml -o junit_family=xunit1 > /tmp/nemotron_h.log 2>&1
-echo "pytest exit $?"; tail -30 /tmp/nemotron_h.log | cut -c1-1200; gzip -c /tmp/nemotron_h.log > "$OUT/nemotron_h.log.gz"
+timeout ${NH_TIMEOUT:-300} python3 -m pytest -m gpu -v -rA -p no:cacheprovider -o faulthandler_timeout=${NH_STACK_AFTER:-120} --durations=0 tests/gpu/test_gpu_nemotron_h.py ${NH_ARGS:-} --junitxml=/tmp/nh_junit.xml -o junit_family=xunit1 > /tmp/nemotron_h.log 2>&1
+echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|Timeout|File \"" /tmp/nemotron_h.log | head -60 | cut -c1-300; tail -30 /tmp/nemotron_h.log | cut -c1-1200; gzip -c /tmp/nemotron_h.log > "$OUT/nemotron_h.log.gz"
 python3 tests/gpu/gpu_report.py /tmp/nh_junit.xml "$GPU_RESULTS" | tail -9
