@@ -24,6 +24,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 DEST=$ROOT/.gpu-mamba
 PY=${PY:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || { echo "no python at $PY: set PY= to a python with torch (make test builds .venv)" >&2; exit 2; }
 MAMBA_SDIST_SHA=104cc47e9101e5401a675fa2b784f2952b9b037f3b1dd83b5ac544394e95d028
 CONV_SDIST_SHA=3202758494eaa7b597ce1c282dfa188889506bfcb92cad3c407d26736bfcd32b
 
