@@ -229,10 +229,27 @@ def test_check_fails_on_an_export_with_one_expert_deleted(exports, tmp_path):
 
 
 # vLLM's CPU DeltaNet runs in bf16 only ("CPU GDN attention requires BF16."), so Qwen3-Next is
-# compared in bf16 against Megatron's fp32 over vLLM's top-20 prompt log-probs: measured
-# 2026-12-01, vLLM 0.09 and transformers' own bf16 forward of the same export 0.10 (printed, and
-# bounded too), a broken DeltaNet mapping 3.7 (test_qwen3_next_check_fails_on_swapped_in_proj_ba).
-BF16_ATOL = 0.3
+# compared in bf16 against Megatron's fp32 over vLLM's top-20 prompt log-probs (2 x 16 tokens).
+# vLLM's bf16 CPU kernels differ by processor: the worst single value was 0.09 on the 2026-12-01
+# host and 0.58 on an AMD EPYC with AVX-512 BF16 but no AMX (2026-12-03; p99 0.30), while the
+# mean stayed small (0.022 there).  transformers' fp32 forward of the same export is 3.8e-6 from
+# Megatron, its bf16 forward 0.10.  So the check bounds the mean (the mapping's signal) and the
+# worst value loosely (a NaN or one wildly wrong position): a broken DeltaNet mapping gives mean
+# 0.48 and max 3.7 (test_qwen3_next_check_fails_on_swapped_in_proj_ba).
+BF16_MEAN_ATOL = 0.1
+BF16_MAX_ATOL = 1.0
+BF16_HF_ATOL = 0.3  # transformers' own bf16 forward against Megatron fp32 (processor-independent torch kernels)
+
+
+def mean_abs(got: list[list[dict[int, float]]], tokens: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean |vLLM - Megatron| over every returned (position, token) log-prob (as ``compare``)."""
+    total, n = 0.0, 0
+    for b, seq in enumerate(got):
+        for i in range(1, len(seq)):
+            for tid, lp in seq[i].items():
+                total += abs(lp - float(ref[b, i - 1, tid]))
+                n += 1
+    return total / n if n else float("inf")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +263,8 @@ def qwen3_next_export(tmp_path_factory):
     return out / c["case"]
 
 
-def _bf16_worst(case_dir: Path) -> tuple[float, int, list]:
+def _bf16_worst(case_dir: Path) -> tuple[float, float, int, list]:
+    """(max, mean |vLLM bf16 - Megatron fp32|, values compared, vLLM's log-probs)."""
     ref = load_file(str(case_dir / "megatron.safetensors"))
     llm = _load(case_dir / "hf", "bfloat16")
     try:
@@ -255,7 +273,7 @@ def _bf16_worst(case_dir: Path) -> tuple[float, int, list]:
         del llm
         _cleanup()
     worst, n = compare(got, ref["tokens"], ref["logprobs"])
-    return worst, n, got
+    return worst, mean_abs(got, ref["tokens"], ref["logprobs"]), n, got
 
 
 def test_qwen3_next_bf16_prompt_logprobs_match_megatron(qwen3_next_export):
@@ -263,7 +281,7 @@ def test_qwen3_next_bf16_prompt_logprobs_match_megatron(qwen3_next_export):
 
     d = qwen3_next_export
     try:
-        worst, n, got = _bf16_worst(d)
+        worst, mean, n, got = _bf16_worst(d)
     except Unsupported as e:
         pytest.skip(f"vLLM {vllm.__version__} (CPU) cannot run qwen3_next: {e}")
     ref = load_file(str(d / "megatron.safetensors"))
@@ -272,9 +290,11 @@ def test_qwen3_next_bf16_prompt_logprobs_match_megatron(qwen3_next_export):
         hf_lp = torch.log_softmax(hf(input_ids=ref["tokens"]).logits.float(), dim=-1)
     hf_got = [[{t: float(hf_lp[b, i - 1, t]) for t in pos} if i else {} for i, pos in enumerate(seq)] for b, seq in enumerate(got)]
     hf_worst, _ = compare(hf_got, ref["tokens"], ref["logprobs"])
-    print(f"VLLM-CHECK qwen3_next-sequential bf16: max |dlogprob| vLLM {worst:.3g}, transformers bf16 {hf_worst:.3g} over {n} values")
-    assert n > 0 and hf_worst <= BF16_ATOL, hf_worst  # the tolerance is bf16's, not a mapping's
-    assert worst <= BF16_ATOL, f"qwen3_next: max |vLLM bf16 - Megatron fp32| prompt log-prob {worst:.3g} > {BF16_ATOL}"
+    print(f"VLLM-CHECK qwen3_next-sequential bf16: |dlogprob| vLLM mean {mean:.3g} max {worst:.3g}, "
+          f"transformers bf16 max {hf_worst:.3g} over {n} values")
+    assert n > 0 and hf_worst <= BF16_HF_ATOL, hf_worst  # the tolerance is bf16's, not a mapping's
+    assert mean <= BF16_MEAN_ATOL, f"qwen3_next: mean |vLLM bf16 - Megatron fp32| prompt log-prob {mean:.3g} > {BF16_MEAN_ATOL}"
+    assert worst <= BF16_MAX_ATOL, f"qwen3_next: max |vLLM bf16 - Megatron fp32| prompt log-prob {worst:.3g} > {BF16_MAX_ATOL}"
 
 
 def test_qwen3_next_check_fails_on_swapped_in_proj_ba(qwen3_next_export, tmp_path):
@@ -291,11 +311,11 @@ def test_qwen3_next_check_fails_on_swapped_in_proj_ba(qwen3_next_export, tmp_pat
             hit += 1
     assert hit == 1
     try:
-        worst, _, _ = _bf16_worst(bad)
+        worst, mean, _, _ = _bf16_worst(bad)
     except Unsupported as e:
         pytest.skip(f"vLLM {vllm.__version__} (CPU) cannot run qwen3_next: {e}")
-    print(f"VLLM-CHECK qwen3_next swapped in_proj_ba bf16: {worst:.3g}")
-    assert worst > BF16_ATOL, f"a swapped in_proj_ba passed the bf16 check ({worst:.3g} <= {BF16_ATOL})"
+    print(f"VLLM-CHECK qwen3_next swapped in_proj_ba bf16: mean {mean:.3g} max {worst:.3g}")
+    assert mean > BF16_MEAN_ATOL, f"a swapped in_proj_ba passed the bf16 mean check ({mean:.3g} <= {BF16_MEAN_ATOL})"
 
 
 def test_bf16_greedy_generation(exports):
