@@ -23,6 +23,10 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 export GPU_RESULTS=$OUT/results.jsonl GPU_ARTIFACTS=$OUT
+# fp32 comparisons without TF32 in cuBLAS (TE's GEMMs ignore torch's allow_tf32 flag): with it,
+# a router's top-k can flip and glm4_moe's logits were 0.071 off on megatron-core 0.19.2; without,
+# 4.2e-7 on both stacks (H200, 2026-12-03).  bf16 tests are unaffected.
+export NVIDIA_TF32_OVERRIDE=${NVIDIA_TF32_OVERRIDE:-0}
 rm -f "$GPU_RESULTS" "$OUT/te_names.txt" "$OUT/quant_scales.txt" "$OUT/junit.xml"
 
 if ! python3 -c "import transformer_engine.pytorch, megatron.core" >/dev/null 2>&1; then

@@ -1,8 +1,10 @@
 """Every architecture and expert layout on the real Transformer Engine spec (issue 13 part 3):
 each model built with TE modules on one GPU, exported in float32, loaded by ``transformers`` on
-the GPU, logits compared with Megatron's own forward (max |diff| <= 5e-3: TE's GEMMs may use
-TF32; measured <= 4.5e-4), zero missing / unexpected / mismatched keys, and the exported names
-exactly the names ``save_pretrained`` writes for the class.
+the GPU, logits compared with Megatron's own forward (max |diff| <= 5e-3), zero missing /
+unexpected / mismatched keys, and the exported names exactly the names ``save_pretrained``
+writes for the class.  ``scripts/gpu_suite.sh`` runs with ``NVIDIA_TF32_OVERRIDE=0``: with TF32 in
+TE's GEMMs the cases measured <= 4.5e-4 except where a router's top-k flips (glm4_moe on
+megatron-core 0.19.2: 0.071); without TF32, glm4_moe is 4.2e-7 on 0.16.1 and 0.19.2 (2026-12-03).
 
 Cases: llama, llama with tied embeddings, qwen3 dense, qwen2 with QKV bias, qwen3_moe with a
 dense first layer (``get_gpt_decoder_block_spec``), deepseek_v3 with MLA, and ``SequentialMLP``
