@@ -15,8 +15,11 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 # GPU_STACK=mc19: megatron-core 0.19.2 (staged by scripts/bridge_gpu into /root/site19) ahead of
 # the TE 2.11 stack's 0.16.1; default: megatron-core 0.16.1.
+# GPU_STACK=mc19te: the same with the newer TE of stream c (/root/site_te, scripts/te_gpu) ahead of 2.11.
 if [ "${GPU_STACK:-mc16}" = mc19 ]; then
   export PYTHONPATH=/root/site19:/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+elif [ "${GPU_STACK:-mc16}" = mc19te ]; then
+  export PYTHONPATH=/root/site19:/root/site_te:/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
   export PYTHONPATH=/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi

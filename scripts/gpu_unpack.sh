@@ -4,6 +4,7 @@
 #   bash scripts/gpu_unpack.sh keep .gpu/chunks/a01        copy one chunk to /root/chunks
 #   bash scripts/gpu_unpack.sh a N                         stream a (N chunks): TE build + Bridge (+ mamba)
 #   bash scripts/gpu_unpack.sh b N                         stream b (N chunks): vLLM into /root/vllm_site
+#   bash scripts/gpu_unpack.sh c N                         stream c (N chunks): TE >= 2.14 into /root/site_te
 # Installs: TE 2.11 / ModelOpt / megatron-core 0.16.1 in /root/site (../shared/gpu/device_setup.sh),
 # megatron-core 0.19.2 + Bridge in /root/site19 (scripts/bridge_gpu/device_setup.sh), vLLM in
 # /root/vllm_site; mamba's wheels wait in /root/stage_a/mamba (MAMBA_WHEELS= for scripts/mamba_gpu).
@@ -17,7 +18,7 @@ case "${1:-}" in
     for d in "$@"; do cp "$d"/* /root/chunks/; done
     ls /root/chunks | tr '\n' ' '; echo
     ;;
-  a|b)
+  a|b|c)
     s=$1 n=$2
     have=$(ls /root/chunks/$s.* 2>/dev/null | wc -l)
     [ "$have" -eq "$n" ] || { echo "stream $s: $have of $n chunks in /root/chunks"; exit 2; }
@@ -31,6 +32,8 @@ case "${1:-}" in
       echo "Bridge stack: $(( $(date +%s) - t )) s"
       # mamba (NemotronH) is unpacked in /root/stage_a/mamba and installed by the NemotronH call
       # (scripts/mamba_gpu/device_setup.sh), so that the other suites do not run its tests
+    elif [ "$s" = c ]; then
+      TE_WHEELS=/root/stage_c/te bash scripts/te_gpu/device_setup.sh 2>&1 | tail -6
     else
       t=$(date +%s)
       python3 -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --target /root/vllm_site \
@@ -39,5 +42,5 @@ case "${1:-}" in
       echo "vLLM install: $(( $(date +%s) - t )) s"
     fi
     ;;
-  *) echo "usage: $0 keep DIR... | a N | b N" >&2; exit 2 ;;
+  *) echo "usage: $0 keep DIR... | a N | b N | c N" >&2; exit 2 ;;
 esac
