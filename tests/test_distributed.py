@@ -187,3 +187,24 @@ def test_collectives_gloo(tmp_path):
 def test_launches_exit_cleanly(ws2, ws4):
     for run in (ws2, ws4):
         assert run["rc"] == 0, run["log"][-6000:]
+
+
+def test_on_coordinator_one_rank(tmp_path):
+    """The coordinator step alone: its value, or a RuntimeError that names what failed and
+    chains the cause; ranks' own reports (RanksFailed) are not prefixed with a type name."""
+    from nemo_export_hooks.exporter import parallel
+
+    assert parallel.on_coordinator(lambda: ("ok", 3), "unused") == ("ok", 3)
+
+    def broken():
+        raise FileExistsError(f"{tmp_path} holds something else")
+
+    with pytest.raises(RuntimeError, match=r"^cannot export to x: FileExistsError: .* holds something else$") as ei:
+        parallel.on_coordinator(broken, "cannot export to x")
+    assert isinstance(ei.value.__cause__, FileExistsError)
+
+    def refuse():
+        raise parallel.RanksFailed("rank 1: OSError: disk full; rank 3: OSError: disk full")
+
+    with pytest.raises(RuntimeError, match=r"^HF export to y failed: rank 1: OSError: disk full; rank 3: OSError: disk full$"):
+        parallel.on_coordinator(refuse, "HF export to y failed")

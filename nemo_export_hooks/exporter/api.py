@@ -261,25 +261,21 @@ def write_prepared(
     rank0 = layout.world_rank == 0
     max_bytes = parse_size(max_shard_size)
 
-    staging = None
-    err = None
-    if rank0:
-        try:
-            _check_out_dir(out_dir, overwrite)
-            staging = make_staging_dir(out_dir, create_parent=create_parent)
-        except Exception as e:  # raised on every rank below
-            err = f"{type(e).__name__}: {e}"
-    staging, err = parallel.broadcast_object((str(staging) if staging else None, err), group=group)
-    if err:
-        raise RuntimeError(f"cannot export to {out_dir}: {err}")
-    staging = Path(staging)
+    # One sequence, the same rounds on every rank whatever happens: (1) the coordinator opens
+    # the staging directory; (2) every rank writes its own parts there; (3) each rank's report
+    # (its {tensor: part}, bytes, part digests, or its failure) goes to the coordinator; (4) the
+    # coordinator commits, or refuses naming the failed ranks, and every rank learns which.
+    def open_staging() -> str:
+        _check_out_dir(out_dir, overwrite)
+        return str(make_staging_dir(out_dir, create_parent=create_parent))
+
+    staging = Path(parallel.on_coordinator(open_staging, f"cannot export to {out_dir}", group))
 
     key_to_part: dict[str, str] = {}
     nbytes = 0
-    ok, message = True, ""
     # A write failure (disk full, permissions) on one rank must not leave the other ranks
     # waiting in a tensor-parallel gather: keep draining the (collective) generator without
-    # writing, then agree on the outcome with one all-reduce.
+    # writing; the failure travels in this rank's report.
     failure: Optional[BaseException] = None
     writer = None
     in_memory = hasattr(tensors, "release")  # a host snapshot: its tensors stay in memory anyway
@@ -306,8 +302,8 @@ def write_prepared(
         if failure is not None:
             if writer is not None:
                 writer.abort()  # no temporary part left behind, no writer thread still reading
-            ok, message = False, f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
-            log.error("HF export failed while writing %s: %s", out_dir, message)
+            log.error("HF export failed while writing %s: rank %d: %s: %s", out_dir, layout.world_rank,
+                      type(failure).__name__, failure)
             if parallel._world(group) == 1:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise failure
@@ -321,27 +317,23 @@ def write_prepared(
             if rank0:
                 shutil.rmtree(staging, ignore_errors=True)
             raise ValueError(problem)
-    try:
-        parallel.all_ok(ok, message, group=group)
-    except Exception:
-        if rank0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not ok:
-        if rank0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError(f"HF export to {out_dir} failed: {message}")
 
     # Small metadata only: each rank's {tensor: part file}, its byte count and the sha256 of
-    # the parts it wrote (hashed while writing), so rank 0 never reads other ranks' shards back.
-    maps = parallel.gather_objects((key_to_part, nbytes, dict(writer.digests) if writer else {}), group=group)
-    result_or_err = None
-    if rank0:
+    # the parts it wrote (hashed while writing), so the coordinator never reads other ranks'
+    # shards back; or the rank's failure.
+    error = None if failure is None else f"rank {layout.world_rank}: {type(failure).__name__}: {failure}"
+    reports = parallel.gather_objects(
+        (error, key_to_part, nbytes, dict(writer.digests) if writer is not None and error is None else {}), group=group)
+
+    def commit() -> tuple[int, int, list[str]]:
         try:
+            failed = [r[0] for r in reports if r[0] is not None]
+            if failed:  # each already names its rank and error
+                raise parallel.RanksFailed("; ".join(failed))
             merged: dict[str, str] = {}
             digests: dict[str, dict] = {}
             total = 0
-            for m, b, d in maps:
+            for _, m, b, d in reports:
                 merged.update(m)
                 digests.update(d)
                 total += b
@@ -360,15 +352,12 @@ def write_prepared(
             }
             write_manifest(staging, manifest, known=known)
             publish(staging, out_dir, overwrite=overwrite)
-            files = sorted(p.name for p in out_dir.iterdir())
-            result_or_err = ("ok", len(merged), total, files)
-        except Exception as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            result_or_err = ("error", f"{type(e).__name__}: {e}")
-    result_or_err = parallel.broadcast_object(result_or_err, group=group)
-    if result_or_err[0] == "error":
-        raise RuntimeError(f"HF export to {out_dir} failed on rank 0: {result_or_err[1]}")
-    _, n, total, files = result_or_err
+            return len(merged), total, sorted(p.name for p in out_dir.iterdir())
+        except Exception:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written where a reader looks
+            raise
+
+    n, total, files = parallel.on_coordinator(commit, f"HF export to {out_dir} failed", group)
     end = time.perf_counter()
     seconds = end - t0
     made = dict(getattr(tensors, "phases", None) or {})  # HostStream / HostSnapshot: reserve, convert, copy

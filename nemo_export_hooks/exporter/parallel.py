@@ -14,7 +14,10 @@ Who writes what:
 Failures: a collective export must never leave one rank waiting for another that gave up.
 Every step that can fail on some ranks only ends in an agreement (:func:`all_ok`,
 :func:`raise_if_any_failed`) before the next collective, so if one rank fails every rank
-raises, naming the rank and its error; :func:`check_gathers_aligned` refuses, before the
+raises, naming the rank and its error.  The write is one sequence whose rounds are the same
+whether it succeeds or not: the coordinator opens the staging directory, every rank writes
+locally, the ranks' reports go to the coordinator, the coordinator commits or refuses
+(:func:`on_coordinator` for its two steps); :func:`check_gathers_aligned` refuses, before the
 first gather, TP peers whose gathers would not line up.  Only small metadata (names, key
 maps, error messages) travels through the ``*_object`` collectives; tensors never do.
 """
@@ -22,7 +25,7 @@ maps, error messages) travels through the ``*_object`` collectives; tensors neve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -274,6 +277,37 @@ def check_gathers_aligned(jobs: list, layout: "ParallelLayout", as_error: bool =
     if not problems:
         return None
     return ValueError("; ".join(problems)) if as_error else "; ".join(problems)
+
+
+class RanksFailed(Exception):
+    """Raised by a coordinator step to refuse because ranks failed; its message is their own
+    reports, each naming its rank and error (so :func:`on_coordinator` adds no type name)."""
+
+
+def on_coordinator(step: Callable[[], Any], failure: str, group: Any = None) -> Any:
+    """The coordinator's step of a sequence, and the agreement on its outcome in one broadcast.
+
+    Global rank 0 runs ``step()``; every rank returns its value, or every rank raises
+    ``RuntimeError("{failure}: {Type}: {message}")`` (chained to the original exception on
+    rank 0; :class:`RanksFailed` reads ``"{failure}: {message}"``).  ``step`` is not called elsewhere (pass any callable there).  An
+    export is written as: the coordinator opens the staging directory (this), every rank
+    writes its own parts locally, :func:`gather_objects` brings each rank's report to the
+    coordinator, the coordinator commits or refuses (this again).  Success or failure, every
+    rank makes the same collectives in the same order, so none is left waiting."""
+    dist = _dist()
+    if _world(group) == 1 or dist.get_rank() == 0:
+        try:
+            box: tuple = ("ok", step())
+            cause = None
+        except Exception as e:
+            what = str(e) if isinstance(e, RanksFailed) else f"{type(e).__name__}: {e}"
+            box, cause = ("error", f"{failure}: {what}"[: 4 * _MAX_MESSAGE]), e
+    else:
+        box, cause = ("pending", None), None
+    box = broadcast_object(box, group=group)
+    if box[0] == "error":
+        raise RuntimeError(box[1]) from cause
+    return box[1]
 
 
 def barrier(group: Any = None) -> None:
