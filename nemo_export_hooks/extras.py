@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXTRAS", "MissingExtraError", "install_command", "missing_extra", "require"]
+__all__ = ["EXTRAS", "MissingExtraError", "install_command", "lightning_pytorch", "missing_extra", "require"]
 
 # extra -> what it brings (the names a reader knows the packages by)
 EXTRAS = {
@@ -63,3 +63,21 @@ def require(extra: str, module: str, needed_by: str) -> ModuleType:
         if e.name is not None and not (module == e.name or module.startswith(e.name + ".")):
             raise  # the module is there; something it imports is not: that error is the real one
         raise missing_extra(extra, needed_by, e) from e
+
+
+def lightning_pytorch(needed_by: str) -> ModuleType:
+    """Lightning's trainer package: ``lightning.pytorch``, else the standalone
+    ``pytorch_lightning`` (NeMo 2 images carry one or the other), else
+    :class:`MissingExtraError` naming the ``lightning`` extra.  As :func:`require`, a package
+    that is installed but fails inside its own import raises its own error."""
+    try:
+        return importlib.import_module("lightning.pytorch")
+    except ModuleNotFoundError as no_lightning:
+        if no_lightning.name not in ("lightning", "lightning.pytorch"):
+            raise
+        try:
+            return importlib.import_module("pytorch_lightning")
+        except ModuleNotFoundError as no_pl:
+            if no_pl.name != "pytorch_lightning":
+                raise
+            raise missing_extra("lightning", needed_by, no_lightning) from None

@@ -33,21 +33,10 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from ..extras import missing_extra
+from ..extras import lightning_pytorch
 
-try:  # the `lightning` package, else the standalone `pytorch_lightning`; neither: name the extra
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
-except ModuleNotFoundError as _no_lightning:
-    if _no_lightning.name not in ("lightning", "lightning.pytorch"):
-        raise
-    try:
-        import pytorch_lightning as pl  # type: ignore[no-redef]
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
-    except ModuleNotFoundError as _no_pl:
-        if _no_pl.name != "pytorch_lightning":
-            raise
-        raise missing_extra("lightning", "HFExportCallback (nemo_export_hooks.integrations.lightning)", _no_lightning) from None
+pl = lightning_pytorch("HFExportCallback (nemo_export_hooks.integrations.lightning)")
+Callback = pl.Callback
 
 from ..config import ExportConfig
 from ..placement import LIGHTNING, Placement

@@ -17,19 +17,9 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..extras import missing_extra
+from ..extras import lightning_pytorch
 
-try:
-    import lightning.pytorch as pl
-except ModuleNotFoundError as _no_lightning:
-    if _no_lightning.name not in ("lightning", "lightning.pytorch"):
-        raise
-    try:
-        import pytorch_lightning as pl  # type: ignore[no-redef]
-    except ModuleNotFoundError as _no_pl:
-        if _no_pl.name != "pytorch_lightning":
-            raise
-        raise missing_extra("lightning", "nemo_export_hooks.testing.lightning", _no_lightning) from None
+pl = lightning_pytorch("nemo_export_hooks.testing.lightning")
 
 from .cpu import TinySpec, build_gpt
 
