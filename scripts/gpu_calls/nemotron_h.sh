@@ -5,11 +5,15 @@ cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVIDIA_TF32_OVERRIDE=0 TRITON_F32_DEFAULT=ieee HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 MAMBA_WHEELS=${MAMBA_WHEELS:-/root/stage_a/mamba} bash scripts/mamba_gpu/device_setup.sh 2>&1 | tail -9
 export PYTHONPATH=/root/site:$PWD GPU_RESULTS=$OUT/nemotron_h_results.jsonl GPU_ARTIFACTS=/tmp/nh_art
-# mamba_ssm's Triton kernels compile and autotune on first use: the forward took under 2 minutes,
-# the backward (training) more than 9 on 2026-12-03.  Keep the compiled kernels and the autotuner's
-# choices in one folder, bring it back under $OUT, and reuse it when a later session carries it
-# (stream a's mamba folder, or NH_TRITON_CACHE=<tgz>): the image and GPU are the same each time.
-export TRITON_CACHE_DIR=/root/triton_nh TRITON_CACHE_AUTOTUNING=1
+# mamba_ssm's Triton kernels compile and autotune on first use: with up to 9 configs a kernel the
+# forward took under 2 minutes, the backward (training) more than 9 on 2026-12-03.
+# MAMBA_DETERMINISTIC=1 is mamba_ssm 2.3's own switch (utils/determinism.py, read when its kernels
+# are defined): one config a kernel, the cheapest, so nothing is benchmarked, and deterministic
+# reductions.  (It keeps every config when TRITON_CACHE_AUTOTUNING=1, so that stays unset.)  The
+# compiled kernels are kept in one folder, brought back under $OUT, and reused when a later
+# session carries them (stream a's mamba folder, or NH_TRITON_CACHE=<tgz>).
+export MAMBA_DETERMINISTIC=${MAMBA_DETERMINISTIC:-1} TRITON_CACHE_DIR=/root/triton_nh
+unset TRITON_CACHE_AUTOTUNING
 mkdir -p "$TRITON_CACHE_DIR"
 for c in "${NH_TRITON_CACHE:-}" /root/stage_a/mamba/triton_nh.tgz .gpu-mamba/triton_nh.tgz; do
   [ -n "$c" ] && [ -f "$c" ] && [ -z "$(ls -A "$TRITON_CACHE_DIR")" ] && tar xzf "$c" -C "$TRITON_CACHE_DIR" && echo "Triton cache from $c: $(du -sh "$TRITON_CACHE_DIR" | cut -f1)"
