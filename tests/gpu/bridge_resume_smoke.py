@@ -159,7 +159,8 @@ def driver(args) -> int:
         if left < 30:
             problems.append(f"{name}: not run ({args.budget} s budget spent)")
             continue
-        r = _spawn(name, work, out, min(left, args.run_timeout), extra)
+        r = B._spawn(name, work, out, min(left, args.run_timeout), extra, argv=[__file__, "--worker", "--work", str(work)],
+                     tf32_off=True, log_prefix="bridge_resume")
         res[name] = r
         print(f"bridge_resume: {name}: rc={r['rc']} in {r['process_wall_s']} s", flush=True)
         killed = name.endswith("_first") and r["rc"] == -signal.SIGKILL
@@ -174,35 +175,6 @@ def driver(args) -> int:
     print("\n".join(["", "PROBLEMS:"] + problems) if problems else "\nALL CHECKS PASSED")
     print("BRIDGE-RESUME " + json.dumps({"ok": res["ok"], "problems": problems[:6]}, default=str), flush=True)
     return 0 if res["ok"] else 1
-
-
-def _spawn(name: str, work: Path, out: Path, timeout: float, extra: list[str]) -> dict:
-    import subprocess
-
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(B._free_port()), NVIDIA_TF32_OVERRIDE="0")
-    log = out / f"bridge_resume_{name}.log"
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", "--work", str(work), *extra], stdout=f,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(B.ROOT))
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = "timeout"
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    stage = extra[extra.index("--stage") + 1]
-    res_path = work / ("check.json" if stage == "check" else f"{name}.json")
-    res = json.loads(res_path.read_text()) if res_path.is_file() else {"name": name}
-    res.update(rc=rc, process_wall_s=round(time.perf_counter() - t0, 1), log=str(log))
-    if rc != 0:
-        res.setdefault("error", f"exit {rc}; log tail:\n" + "".join(log.read_text(errors="replace").splitlines(True)[-30:]))
-    return res
 
 
 def main() -> int:

@@ -342,15 +342,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(name: str, work: Path, out: Path, timeout: float, extra: list[str]) -> dict:
+def _spawn(name: str, work: Path, out: Path, timeout: float, extra: list[str], argv: list[str] | None = None,
+           tf32_off: bool | None = None, log_prefix: str = "bridge") -> dict:
+    """One worker process (``argv``: the script and its arguments; default this script's
+    ``--worker name``), killed with its session at ``timeout``; returns ``<work>/<name>.json`` with
+    rc, wall time and, on a failure, the log's tail.  Also used by bridge_resume_smoke.py."""
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    if name == "check":  # true fp32 GEMMs (cuBLAS reads this at load): the logits check compares fp32 with fp32
+    if name == "check" if tf32_off is None else tf32_off:  # true fp32 GEMMs (cuBLAS reads this at load)
         env["NVIDIA_TF32_OVERRIDE"] = "0"
-    log = out / f"bridge_{name}.log"
+    log = out / f"{log_prefix}_{name}.log"
     t0 = time.perf_counter()
+    argv = argv or [__file__, "--worker", name, "--work", str(work)]
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", name, "--work", str(work), *extra],
+        proc = subprocess.Popen([sys.executable, *argv, *extra],
                                 stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(ROOT))
         try:
             rc = proc.wait(timeout=timeout)
