@@ -103,19 +103,24 @@ def vllm_prompt_logprobs(llm, tokens: torch.Tensor) -> list[list[dict[int, float
     return [[{tid: lp.logprob for tid, lp in pos.items()} if pos else {} for pos in o.prompt_logprobs] for o in outs]
 
 
-def compare(got: list[list[dict[int, float]]], tokens: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
-    """Max |vLLM - Megatron| over every returned (position, token) log-prob; position i's
-    distribution is Megatron's row i-1.  Returns (max diff, values compared); NaN counts as inf."""
-    worst, n = 0.0, 0
+def abs_diffs(got: list[list[dict[int, float]]], tokens: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """|vLLM - Megatron| for every returned (position, token) log-prob; position i's
+    distribution is Megatron's row i-1.  NaN counts as inf."""
+    out = []
     for b, seq in enumerate(got):
         assert len(seq) == tokens.shape[1], (len(seq), tokens.shape)
         for i in range(1, len(seq)):
             assert int(tokens[b, i]) in seq[i], f"prompt token missing from vLLM's prompt log-probs at {b},{i}"
             for tid, lp in seq[i].items():
                 d = abs(lp - float(ref[b, i - 1, tid]))
-                worst = max(worst, d if d == d else float("inf"))
-                n += 1
-    return worst, n
+                out.append(d if d == d else float("inf"))
+    return out
+
+
+def compare(got: list[list[dict[int, float]]], tokens: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
+    """Max of :func:`abs_diffs` and how many values were compared."""
+    diffs = abs_diffs(got, tokens, ref)
+    return max(diffs, default=0.0), len(diffs)
 
 
 def check_export(case_dir: Path, custom_ops: tuple[str, ...] = ()) -> tuple[float, int]:
@@ -241,17 +246,6 @@ BF16_MAX_ATOL = 1.0
 BF16_HF_ATOL = 0.3  # transformers' own bf16 forward against Megatron fp32 (processor-independent torch kernels)
 
 
-def mean_abs(got: list[list[dict[int, float]]], tokens: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean |vLLM - Megatron| over every returned (position, token) log-prob (as ``compare``)."""
-    total, n = 0.0, 0
-    for b, seq in enumerate(got):
-        for i in range(1, len(seq)):
-            for tid, lp in seq[i].items():
-                total += abs(lp - float(ref[b, i - 1, tid]))
-                n += 1
-    return total / n if n else float("inf")
-
-
 @pytest.fixture(scope="module")
 def qwen3_next_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm_qwen3_next")
@@ -272,8 +266,9 @@ def _bf16_worst(case_dir: Path) -> tuple[float, float, int, list]:
     finally:
         del llm
         _cleanup()
-    worst, n = compare(got, ref["tokens"], ref["logprobs"])
-    return worst, mean_abs(got, ref["tokens"], ref["logprobs"]), n, got
+    diffs = abs_diffs(got, ref["tokens"], ref["logprobs"])
+    mean = sum(diffs) / len(diffs) if diffs else float("inf")
+    return max(diffs, default=0.0), mean, len(diffs), got
 
 
 def test_qwen3_next_bf16_prompt_logprobs_match_megatron(qwen3_next_export):
