@@ -61,6 +61,28 @@ class TELM(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
+def fit_with_export(model, arch: str, vocab: int, steps: int, tmp_path):
+    """Lightning training of ``model`` (next token = perm[token]) with ``ModelCheckpoint`` every 3
+    steps and ``HFExportCallback`` (float32, async writes) every 2 and at train end.  Returns
+    (the LightningModule, the export callback, the checkpoint dir, fit seconds).  Also used by
+    test_gpu_nemotron_h.py."""
+    from nemo_export_hooks import HFExportCallback
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, vocab, (steps * 8, 32), generator=g))
+    lm = TELM(model, vocab)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=3, save_top_k=-1,
+                                        filename="step{step}", auto_insert_metric_name=False)
+    export = HFExportCallback(arch=arch, dtype="float32", every_n_train_steps=2, at_train_end=True,
+                              async_write=True, on_busy="wait", log_metrics=False)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ckpt, export], default_root_dir=str(tmp_path))
+    t0 = time.perf_counter()
+    trainer.fit(lm, DataLoader(data, batch_size=8))
+    return lm, export, ckpt_dir, time.perf_counter() - t0
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _mcore():
     G.init_mcore_gpu()
@@ -68,25 +90,12 @@ def _mcore():
 
 
 def test_callback_lightning_te_grouped(tmp_path, request):
-    from nemo_export_hooks import HFExportCallback
     from nemo_export_hooks.publish import verify_export
 
     spec = G.tiny_spec("qwen3_moe")
     model = G.build_te_gpt(spec, torch.float32)
     assert G.experts_type(model) == "TEGroupedMLP"
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randint(0, spec.vocab_size, (STEPS * 8, 32), generator=g))
-    lm = TELM(model, spec.vocab_size)
-    ckpt_dir = tmp_path / "checkpoints"
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=3, save_top_k=-1,
-                                        filename="step{step}", auto_insert_metric_name=False)
-    export = HFExportCallback(arch="qwen3_moe", dtype="float32", every_n_train_steps=2, at_train_end=True,
-                              async_write=True, on_busy="wait", log_metrics=False)
-    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=STEPS, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[ckpt, export], default_root_dir=str(tmp_path))
-    t0 = time.perf_counter()
-    trainer.fit(lm, DataLoader(data, batch_size=8))
-    wall = time.perf_counter() - t0
+    lm, export, ckpt_dir, wall = fit_with_export(model, "qwen3_moe", spec.vocab_size, STEPS, tmp_path)
 
     exported = [e for e in export.exports]
     paths = sorted({str(e["path"]) for e in exported})

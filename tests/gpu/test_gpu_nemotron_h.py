@@ -291,26 +291,11 @@ def test_nemotron_h_quantized(case, request, trained, spec, pattern):
 
 # last: the exports the vLLM step needs come first, if the call's time runs short
 def test_nemotron_h_callback_lightning(tmp_path, request, spec, pattern):
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from nemo_export_hooks import HFExportCallback
     from nemo_export_hooks.publish import verify_export
-    from test_gpu_callback import TELM
+    from test_gpu_callback import fit_with_export
 
-    steps = 6
     model = N.build_te_nemotron_h(spec, pattern, torch.float32)
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randint(0, spec.vocab_size, (steps * 8, 32), generator=g))
-    lm = TELM(model, spec.vocab_size)
-    ckpt_dir = tmp_path / "checkpoints"
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=3, save_top_k=-1,
-                                        filename="step{step}", auto_insert_metric_name=False)
-    export = HFExportCallback(arch=ARCH, dtype="float32", every_n_train_steps=2, at_train_end=True,
-                              async_write=True, on_busy="wait", log_metrics=False)
-    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[ckpt, export], default_root_dir=str(tmp_path))
-    trainer.fit(lm, DataLoader(data, batch_size=8))
+    _, export, _, _ = fit_with_export(model, ARCH, spec.vocab_size, 6, tmp_path)
     exported = list(export.exports)
     paths = sorted({str(e["path"]) for e in exported})
     problems = {p: verify_export(p) for p in paths}
