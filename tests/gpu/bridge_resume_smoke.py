@@ -142,15 +142,7 @@ def check_worker(work: Path) -> dict:
 
 
 def driver(args) -> int:
-    import shutil
-
-    out = Path(os.environ.get("OUT") or "/tmp/bridge_resume_out")
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    B.make_tokenizer(work / "tokenizer")
-    deadline = time.perf_counter() + args.budget
+    out, work, deadline = B.prepare_run(args, "/tmp/bridge_resume_out")
     steps = [(f"{case}_{stage}", ["--case", case, "--stage", stage]) for case in CASES for stage in ("first", "resume")]
     steps.append(("check", ["--stage", "check"]))
     res, problems = {}, []

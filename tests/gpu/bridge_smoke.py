@@ -408,14 +408,21 @@ def timing_table(res: dict) -> list[str]:
     return lines
 
 
-def driver(args) -> int:
-    out = Path(os.environ.get("OUT") or "/tmp/bridge_smoke_out")
+def prepare_run(args, default_out: str) -> tuple[Path, Path, float]:
+    """A driver's start: ``$OUT`` (or ``default_out``), a fresh ``--work`` holding the tokenizer,
+    and the deadline of ``--budget``.  Also used by bridge_resume_smoke.py."""
+    out = Path(os.environ.get("OUT") or default_out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     deadline = time.perf_counter() + args.budget
     make_tokenizer(work / "tokenizer")
+    return out, work, deadline
+
+
+def driver(args) -> int:
+    out, work, deadline = prepare_run(args, "/tmp/bridge_smoke_out")
     res, problems = {}, []
     for name in ORDER:
         left = deadline - time.perf_counter()
