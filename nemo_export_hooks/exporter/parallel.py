@@ -289,8 +289,8 @@ def on_coordinator(step: Callable[[], Any], failure: str, group: Any = None) -> 
 
     Global rank 0 runs ``step()``; every rank returns its value, or every rank raises
     ``RuntimeError("{failure}: {Type}: {message}")`` (chained to the original exception on
-    rank 0; :class:`RanksFailed` reads ``"{failure}: {message}"``).  ``step`` is not called elsewhere (pass any callable there).  An
-    export is written as: the coordinator opens the staging directory (this), every rank
+    rank 0; :class:`RanksFailed` reads ``"{failure}: {message}"``).  ``step`` is not called on
+    the other ranks (pass any callable there).  An export is written as: the coordinator opens the staging directory (this), every rank
     writes its own parts locally, :func:`gather_objects` brings each rank's report to the
     coordinator, the coordinator commits or refuses (this again).  Success or failure, every
     rank makes the same collectives in the same order, so none is left waiting."""
