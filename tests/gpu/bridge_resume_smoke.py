@@ -87,7 +87,6 @@ def run_worker(stage: str, case: str, work: Path) -> dict:
 def check_worker(work: Path) -> dict:
     import torch
 
-    from nemo_export_hooks import export_to_hf
     from nemo_export_hooks.integrations.megatron_bridge import read_run_state
     from nemo_export_hooks.publish import read_manifest, verify_export
 
@@ -125,10 +124,7 @@ def check_worker(work: Path) -> dict:
                     before = first["hf"].get(f"iter_{n:07d}")
                     if before is not None and before == _digests(export):
                         p.append(f"iter {n}: export equals the discarded run's: the byte check proves nothing")
-                model, how = B._reload(save / f"iter_{n:07d}", work)
-                ref = work / "reexport" / f"{case}_{n}"
-                export_to_hf(model, ref, arch="qwen3_moe", dtype=torch.float32)
-                diff = B._byte_diff(B._tensors(export), B._tensors(ref))
+                model, how, _, diff = B.against_checkpoint(export, save / f"iter_{n:07d}", work, f"{case}_{n}")
                 row[f"iter_{n}_byte_equal"] = not diff
                 p += [f"iter {n}: bytes vs checkpoint reloaded ({how[:40]}): {d}" for d in diff[:6]]
                 del model

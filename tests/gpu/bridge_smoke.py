@@ -268,6 +268,21 @@ def _byte_diff(a: dict, b: dict) -> list[str]:
     return probs
 
 
+def against_checkpoint(export: Path, ckpt: Path, work: Path, label: str):
+    """Reload ``ckpt`` with Bridge, export it again (``<work>/reexport/<label>``), compare byte for
+    byte with ``export``: (reloaded model, how it was reloaded, the export's tensors, differences).
+    Also used by bridge_resume_smoke.py."""
+    import torch
+
+    from nemo_export_hooks import export_to_hf
+
+    model, how = _reload(ckpt, work)
+    ref = work / "reexport" / label
+    export_to_hf(model, ref, arch="qwen3_moe", dtype=torch.float32)
+    mine = _tensors(export)
+    return model, how, mine, _byte_diff(mine, _tensors(ref))
+
+
 def check_worker(work: Path) -> dict:
     import torch
 
@@ -275,7 +290,6 @@ def check_worker(work: Path) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     from transformers import AutoModelForCausalLM
 
-    from nemo_export_hooks import export_to_hf
     from nemo_export_hooks.publish import verify_export
 
     _init_dist()
@@ -302,11 +316,7 @@ def check_worker(work: Path) -> dict:
                 for k in ("missing_keys", "unexpected_keys", "mismatched_keys"):
                     if info.get(k):
                         p.append(f"transformers {k}: {sorted(map(str, info[k]))[:8]}")
-                model, row["reload"] = _reload(ckpt, work)
-                ref = work / "reexport" / f"{name}_{n}"
-                export_to_hf(model, ref, arch="qwen3_moe", dtype=torch.float32)
-                mine = _tensors(path)
-                diff = _byte_diff(mine, _tensors(ref))
+                model, row["reload"], mine, diff = against_checkpoint(path, ckpt, work, f"{name}_{n}")
                 row["tensors"], row["byte_equal"] = len(mine), not diff
                 p += [f"bytes vs iter_{n} reloaded: {d}" for d in diff[:8]]
                 if prev is not None:  # the comparison can fail: training moved the weights
